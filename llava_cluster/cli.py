@@ -1,0 +1,71 @@
+"""The `llava-cluster` command. Each subcommand lives in its own module and registers itself.
+
+Modules are imported only for the subcommand being run, so `--help` stays fast (no torch import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from llava_cluster import __version__
+from llava_cluster.errors import UserError
+
+# (command, module, one-line help). The module defines `register(parser)` which adds arguments and
+# sets `func=handler`; a handler takes the parsed args and returns an exit code.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("data", "llava_cluster.data.cli", "check, convert, summarise and preview LLaVA conversation data"),
+    ("tiny", "llava_cluster.model.tiny_cli", "write a tiny random LLaVA model and a learnable synthetic dataset"),
+]
+
+EPILOG = """\
+typical flow:
+  llava-cluster data check data.json --image-folder images/      find every defect before a GPU hour is spent
+  llava-cluster submit jobs/my-run.yaml --backend slurm          train -> merge -> validate, chained
+  llava-cluster status /shared/runs/my-run                       where is it, what failed and why
+"""
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llava-cluster",
+        description="Fine-tune LLaVA vision-language models with LoRA/QLoRA on SLURM or Kubernetes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"llava-cluster {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, module, help_text in COMMANDS:
+        cmd = sub.add_parser(name, help=help_text, description=help_text,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == wanted:
+            importlib.import_module(module).register(cmd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        from llava_cluster.console import err_console
+
+        err_console.print(f"[bold red]error:[/] {err.message}", highlight=False, soft_wrap=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

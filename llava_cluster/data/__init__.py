@@ -1,0 +1,1 @@
+"""LLaVA conversation data: schema checks, templates, label masking, lazy dataset, sampler, collator."""

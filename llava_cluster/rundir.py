@@ -1,0 +1,176 @@
+"""The run directory: the only interface between stages and the only output of a run.
+
+    <storage>/runs/<name>/
+      spec.yaml                 frozen spec (what actually ran)
+      state/<stage>.json        pending|running|succeeded|failed|cancelled, attempts, job ids, timings
+      train/checkpoint-<step>/  resumable checkpoints (adapter + projector + trainer state)
+      train/final/              the final adapter + projector + metadata
+      merged/                   standard HF checkpoint + processor
+      validate/                 predictions.jsonl, metrics.json, report.html, loss.png
+      logs/                     <stage>.log and TensorBoard events
+
+Every shared file is written atomically (temp file + rename) and only by global rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = ("train", "merge", "validate")
+STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
+COMPLETE_MARKER = "COMPLETE"
+
+
+def global_rank() -> int:
+    """Global rank from the launcher's environment (torchrun, SLURM srun), 0 when not distributed."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def is_rank0() -> bool:
+    return global_rank() == 0
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temp folder beside `final`; on success it replaces `final` in one rename.
+
+    A crash leaves only a `.tmp-*` folder, never a half-written `final`.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@dataclass
+class StageState:
+    stage: str
+    status: str = "pending"
+    attempts: int = 0
+    job_ids: list[str] = field(default_factory=list)
+    started_at: float | None = None
+    finished_at: float | None = None
+    host: str | None = None
+    error: str | None = None
+
+    @property
+    def elapsed(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.finished_at or time.time()) - self.started_at
+
+
+class RunDir:
+    """Paths and stage state of one run. Cheap to construct; creates nothing until written to."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    spec_path = property(lambda self: self.root / "spec.yaml")
+    state_dir = property(lambda self: self.root / "state")
+    train_dir = property(lambda self: self.root / "train")
+    final_dir = property(lambda self: self.root / "train" / "final")
+    merged_dir = property(lambda self: self.root / "merged")
+    validate_dir = property(lambda self: self.root / "validate")
+    logs_dir = property(lambda self: self.root / "logs")
+
+    def log_path(self, stage: str) -> Path:
+        return self.logs_dir / f"{stage}.log"
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first. A checkpoint without its marker was cut short."""
+        found = []
+        if self.train_dir.is_dir():
+            for p in self.train_dir.glob("checkpoint-*"):
+                step = p.name.removeprefix("checkpoint-")
+                if step.isdigit() and (p / COMPLETE_MARKER).exists():
+                    found.append((int(step), p))
+        return [p for _, p in sorted(found)]
+
+    def last_checkpoint(self) -> Path | None:
+        ckpts = self.checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    def read_state(self, stage: str) -> StageState:
+        path = self.state_dir / f"{stage}.json"
+        if not path.exists():
+            return StageState(stage=stage)
+        data = json.loads(path.read_text())
+        known = StageState.__dataclass_fields__
+        return StageState(**{k: v for k, v in data.items() if k in known})
+
+    def write_state(self, state: StageState) -> None:
+        if is_rank0():
+            atomic_write_json(self.state_dir / f"{state.stage}.json", asdict(state))
+
+    def update_state(self, stage: str, **changes: Any) -> StageState:
+        state = self.read_state(stage)
+        for key, value in changes.items():
+            setattr(state, key, value)
+        self.write_state(state)
+        return state
+
+    def mark_running(self, stage: str) -> StageState:
+        state = self.read_state(stage)
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and job not in state.job_ids:
+            state.job_ids.append(job)
+        state.status, state.attempts = "running", state.attempts + 1
+        state.started_at, state.finished_at, state.error = time.time(), None, None
+        state.host = socket.gethostname()
+        self.write_state(state)
+        return state
+
+    def mark_done(self, stage: str, error: str | None = None) -> StageState:
+        return self.update_state(
+            stage, status="failed" if error else "succeeded", finished_at=time.time(), error=error
+        )
