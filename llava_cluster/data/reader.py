@@ -1,0 +1,199 @@
+"""Stream samples out of a LLaVA .json (one top-level list) or .jsonl file in constant memory.
+
+`json.load` of the 665k-sample LLaVA mix needs several times the file's size in RAM before the first
+sample can be looked at. Here a .json list is decoded one element at a time from a buffered reader
+(`JSONDecoder.raw_decode`), and a .jsonl file one line at a time, so memory stays at one buffer plus
+one sample. Syntax errors come back as records with line and column instead of exceptions: a .jsonl
+reader goes on with the next line; a .json reader cannot resynchronise inside a list, so it stops.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llava_cluster.errors import UserError
+
+CHUNK = 1 << 20
+_WS = re.compile(r"[ \t\n\r]*")
+_LINE_SUFFIXES = (".jsonl", ".ndjson")
+
+
+@dataclass(slots=True)
+class Record:
+    """One element of the file: a decoded value, or the syntax error found where it should be."""
+
+    index: int  # position among the file's samples (a broken .jsonl line takes a position too)
+    value: Any = None
+    error: str | None = None  # "line L column C: message"
+
+
+class SampleReader:
+    """Iterate `Record`s of a LLaVA data file; `bytes_read`/`size` drive a progress bar.
+
+    Unusable input (missing, not a file, not JSON at all, top-level not a list) raises
+    `UserError(exit_code=2)` before the first record.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"data file not found: {self.path}", 2)
+        if not self.path.is_file():
+            raise UserError(f"not a file: {self.path}", 2)
+        self.size = self.path.stat().st_size
+        self.bytes_read = 0
+        self.stopped_early = False  # a .json list broke off at a syntax error
+        try:
+            with open(self.path, "rb") as fh:
+                head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        except OSError as err:
+            raise UserError(f"cannot read {self.path}: {err.strerror or err}", 2) from None
+        if not head:
+            raise UserError(f"{self.path} is empty", 2)
+        first = chr(head[0])
+        suffix = self.path.suffix.lower()
+        if suffix in _LINE_SUFFIXES:
+            self.lines = True
+            if first == "[":
+                raise UserError(f"{self.path} holds one JSON list, not JSON Lines: rename it to .json", 2)
+        elif suffix == ".json":
+            self.lines = False
+        else:
+            self.lines = first == "{"
+        if not self.lines and first != "[":
+            what = "a JSON object" if first == "{" else f"{first!r}, which is not JSON"
+            raise UserError(
+                f"{self.path} starts with {what}; expected a list of samples [{{...}}, ...]"
+                + (" (for one sample per line, name the file .jsonl)" if first == "{" else ""), 2)
+        if self.lines and first != "{":
+            raise UserError(f"{self.path} is not JSON Lines: line 1 starts with {first!r}, not '{{'", 2)
+
+    def __iter__(self) -> Iterator[Record]:
+        self.bytes_read = 0
+        try:
+            with open(self.path, "rb") as fh:
+                yield from (self._lines(fh) if self.lines else self._array(fh))
+        except OSError as err:
+            raise UserError(f"cannot read {self.path}: {err.strerror or err}", 2) from None
+
+    def _lines(self, fh) -> Iterator[Record]:
+        index = 0
+        for lineno, raw in enumerate(fh, 1):
+            self.bytes_read += len(raw)
+            if not raw.strip():
+                continue
+            try:
+                yield Record(index, json.loads(raw))
+            except json.JSONDecodeError as err:
+                yield Record(index, error=f"line {lineno} column {err.colno}: {err.msg}")
+            except UnicodeDecodeError as err:
+                yield Record(index, error=f"line {lineno}: not UTF-8 text ({err.reason})")
+            index += 1
+
+    def _array(self, fh) -> Iterator[Record]:
+        """Decode `[v, v, ...]` one element at a time; see the module docstring."""
+        scanner = _ArrayScanner(fh, self)
+        index = 0
+        for value, error in scanner:
+            if error is not None:
+                self.stopped_early = True
+                yield Record(index, error=error)
+                return
+            yield Record(index, value)
+            index += 1
+
+
+class _ArrayScanner:
+    """A sliding text window over the file with line/column bookkeeping for error messages."""
+
+    def __init__(self, fh, owner: SampleReader) -> None:
+        self.fh, self.owner = fh, owner
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.json = json.JSONDecoder()
+        self.buf, self.pos, self.eof = "", 0, False
+        self.base_line, self.base_col = 1, 0  # line and 0-based column of buf[0]
+
+    def _fill(self) -> None:
+        if self.pos:
+            dropped = self.buf[: self.pos]
+            newlines = dropped.count("\n")
+            if newlines:
+                self.base_line += newlines
+                self.base_col = len(dropped) - dropped.rfind("\n") - 1
+            else:
+                self.base_col += len(dropped)
+            self.buf, self.pos = self.buf[self.pos:], 0
+        data = self.fh.read(CHUNK)
+        self.owner.bytes_read += len(data)
+        try:
+            self.buf += self.decoder.decode(data, final=not data)
+        except UnicodeDecodeError as err:
+            raise UserError(f"{self.owner.path} is not UTF-8 text near byte {self.owner.bytes_read}: {err.reason}",
+                            2) from None
+        self.eof = not data
+
+    def _where(self, pos: int) -> str:
+        newlines = self.buf.count("\n", 0, pos)
+        if newlines:
+            column = pos - self.buf.rfind("\n", 0, pos)
+            return f"line {self.base_line + newlines} column {column}"
+        return f"line {self.base_line} column {self.base_col + pos + 1}"
+
+    def _skip_ws(self) -> bool:
+        """Move to the next non-blank character; False at the end of the file."""
+        while True:
+            self.pos = _WS.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf):
+                return True
+            if self.eof:
+                return False
+            self._fill()
+
+    def _decode(self) -> tuple[Any, str | None]:
+        while True:
+            try:
+                value, end = self.json.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as err:
+                cut = err.msg.startswith("Unterminated string") or err.pos >= len(self.buf) - 8
+                if cut and not self.eof:
+                    self._fill()
+                    continue
+                return None, f"{self._where(err.pos)}: {err.msg}"
+            if end >= len(self.buf) - 8 and not self.eof:  # a number may continue in the next chunk
+                self._fill()
+                continue
+            self.pos = end
+            return value, None
+
+    def __iter__(self) -> Iterator[tuple[Any, str | None]]:
+        self._skip_ws()
+        self.pos += 1  # the "[" checked by SampleReader
+        first = True
+        while True:
+            if not self._skip_ws():
+                yield None, f"{self._where(self.pos)}: the file ends before the list is closed with ']'"
+                return
+            char = self.buf[self.pos]
+            if char == "]":
+                self.pos += 1
+                if self._skip_ws():
+                    yield None, f"{self._where(self.pos)}: extra data after the closing ']'"
+                return
+            if not first:
+                if char != ",":
+                    yield None, f"{self._where(self.pos)}: expected ',' or ']' after sample, found {char!r}"
+                    return
+                self.pos += 1
+                if not self._skip_ws():
+                    continue
+            value, error = self._decode()
+            yield value, error
+            if error is not None:
+                return
+            first = False
