@@ -18,6 +18,7 @@ from llava_cluster.errors import UserError
 COMMANDS: list[tuple[str, str, str]] = [
     ("data", "llava_cluster.data.cli", "check, convert, summarise and preview LLaVA conversation data"),
     ("tiny", "llava_cluster.model.tiny_cli", "write a tiny random LLaVA model and a learnable synthetic dataset"),
+    ("logs", "llava_cluster.logs", "print or follow a stage's log (--follow), or its SLURM job's console output"),
 ]
 
 EPILOG = """\
