@@ -1,0 +1,224 @@
+"""`render()` and `submit()` of the Kubernetes launcher: valid manifests (offline schemas), the pod
+policy, the merge/validate ordering, and what submit does with kubectl present, absent or failing."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from k8s_checks import REPO, assert_policy, by_component, pod_templates, validate
+
+from llava_cluster.errors import UserError
+from llava_cluster.launch import k8s
+from llava_cluster.rundir import RunDir, StageState
+from llava_cluster.spec import load_spec, spec_from_dict
+
+ALL = ["train", "merge", "validate"]
+OVERLAYS = REPO / "k8s" / "overlays"
+
+
+def tiny_spec(**k8s_fields):
+    """jobs/tiny-local.yaml as on a small test cluster: tiny model and data copied onto the volume,
+    two pods of one rank each."""
+    overrides = ["storage=/shared", "model.base=/shared/tiny/model", "data.train=/shared/tiny/data/train.json",
+                 "data.eval=/shared/tiny/data/val.json", "data.image_folder=/shared/tiny/data/images",
+                 "resources.nodes=2", "resources.gpus_per_node=1", "resources.cpus_per_task=2", "k8s.shm_size=1Gi"]
+    return load_spec(REPO / "jobs" / "tiny-local.yaml", overrides + [f"k8s.{k}={v}" for k, v in k8s_fields.items()])
+
+
+def example(name: str):
+    return load_spec(OVERLAYS / name / "run.yaml")
+
+
+SPECS = {"tiny": tiny_spec, "lora-multinode": lambda: example("lora-multinode"),
+         "qlora-1node": lambda: example("qlora-1node")}
+
+
+@pytest.mark.parametrize("which", SPECS)
+def test_rendered_manifests_validate_and_follow_policy(which):
+    spec = SPECS[which]()
+    docs = k8s.render(spec, ALL)
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Job" if spec.method == "qlora" else "PyTorchJob", "Job", "Job"]
+    for doc in docs:
+        validate(doc)
+    assert_policy(docs, spec.resources.gpus_per_node, spec.k8s.shm_size)
+    # the ConfigMap carries the spec itself: loading it back gives the same run
+    frozen = yaml.safe_load(docs[0]["data"]["spec.yaml"])
+    assert spec_from_dict(frozen).digest() == spec.digest()
+
+
+def test_multinode_lora_is_master_plus_workers_with_the_run_on_the_volume():
+    spec = example("lora-multinode")
+    job = by_component(k8s.render(spec, ALL))["train"]
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == spec.resources.nodes - 1 == 1
+    assert job["metadata"]["name"] == "lora-13b-multinode-train"
+    pod = replicas["Worker"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"] == ["train", "--run-dir", "/shared/runs/lora-13b-multinode", "--spec", "/etc/llava-cluster/spec.yaml"]
+    assert {"name": "shared", "mountPath": "/shared"} in c["volumeMounts"]
+    assert {"name": "shared", "persistentVolumeClaim": {"claimName": "llava-shared"}} in pod["volumes"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert c["resources"]["requests"] == {"cpu": "64", "memory": "900Gi"}
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NCCL_DEBUG"]["value"] == "WARN"
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}
+
+
+def test_single_node_lora_has_no_workers_and_no_token_without_a_secret():
+    spec = tiny_spec()
+    spec.resources.nodes = 1
+    job = by_component(k8s.render(spec, ["train"]))["train"]
+    assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+    (c,) = pod_templates(job)[0]["spec"]["containers"]
+    assert "HF_TOKEN" not in {e["name"] for e in c["env"]}
+    validate(job)
+
+
+def test_only_the_requested_stages_are_rendered():
+    spec = tiny_spec()
+    assert [d["metadata"]["name"] for d in k8s.render(spec, ["validate"])] == ["tiny-local-spec", "tiny-local-validate"]
+    with pytest.raises(UserError, match="unknown stage"):
+        k8s.render(spec, ["train", "evaluate"])
+
+
+@pytest.mark.parametrize("run, expected", [
+    ("tiny-local", "tiny-local-train"),
+    ("7b.v1.5", "r-7b-v1-5-train"),
+    ("a" * 52, "a" * 40 + "-train"),
+])
+def test_names_are_dns_1035_and_leave_room_for_pod_suffixes(run, expected):
+    assert k8s.k8s_name(run, "train") == expected
+
+
+def test_paths_off_the_volume_are_refused_for_submit_and_warned_in_dry_run(capsys):
+    spec = tiny_spec()
+    spec.data.train = "/home/me/train.json"
+    spec.storage = "/scratch"
+    assert k8s.paths_outside_mount(spec) == ["storage: /scratch", "data.train: /home/me/train.json"]
+    with pytest.raises(UserError, match=r"not under k8s.mount_path=/shared") as err:
+        k8s.submit(spec, ALL, dry_run=False)
+    assert "data.train: /home/me/train.json" in err.value.message
+    assert k8s.submit(spec, ALL, dry_run=True) == 0
+    out, errout = capsys.readouterr()
+    assert "warning" in errout and "storage: /scratch" in errout
+    assert [d["kind"] for d in yaml.safe_load_all(out)] == ["ConfigMap", "PyTorchJob", "Job", "Job"]
+
+
+def test_dry_run_prints_exactly_the_rendered_manifests(capsys):
+    spec = example("qlora-1node")
+    assert k8s.submit(spec, ALL, dry_run=True) == 0
+    assert list(yaml.safe_load_all(capsys.readouterr().out)) == k8s.render(spec, ALL)
+
+
+def _fake_kubectl(bin_dir: Path, existing: str = "", apply_rc: int = 0) -> Path:
+    """A stand-in kubectl (no cluster here) that records its calls and stdin."""
+    log = bin_dir / "calls.jsonl"
+    script = bin_dir / "kubectl"
+    script.write_text(f"""#!{sys.executable}
+import json, sys
+stdin = sys.stdin.read() if sys.argv[1] == "apply" else ""
+open({str(log)!r}, "a").write(json.dumps({{"argv": sys.argv[1:], "stdin": stdin}}) + "\\n")
+if sys.argv[1] == "get":
+    print({existing!r})
+elif {apply_rc}:
+    print("error: the server does not allow this", file=sys.stderr)
+    sys.exit({apply_rc})
+else:
+    print("configmap/tiny-local-spec created")
+""")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return log
+
+
+def test_submit_checks_for_earlier_jobs_then_applies_all_manifests(tmp_path, monkeypatch):
+    log = _fake_kubectl(tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    spec = tiny_spec(namespace="ml")
+    assert k8s.submit(spec, ALL, dry_run=False) == 0
+    get, apply = [json.loads(line) for line in log.read_text().splitlines()]
+    assert get["argv"] == ["get", "-n", "ml", "--ignore-not-found", "-o", "name", "pytorchjob/tiny-local-train",
+                           "job/tiny-local-merge", "job/tiny-local-validate"]
+    assert apply["argv"] == ["apply", "-f", "-"]
+    assert list(yaml.safe_load_all(apply["stdin"])) == k8s.render(spec, ALL)
+
+
+def test_submit_refuses_when_jobs_of_an_earlier_submission_exist(tmp_path, monkeypatch):
+    log = _fake_kubectl(tmp_path, existing="job.batch/tiny-local-merge")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(UserError, match=r"kubectl delete -n default job.batch/tiny-local-merge"):
+        k8s.submit(tiny_spec(), ["merge", "validate"], dry_run=False)
+    assert len(log.read_text().splitlines()) == 1  # nothing applied
+
+
+def test_submit_reports_a_failed_apply(tmp_path, monkeypatch):
+    _fake_kubectl(tmp_path, apply_rc=1)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(UserError, match=r"kubectl apply failed(.|\n)*does not allow this"):
+        k8s.submit(tiny_spec(), ALL, dry_run=False)
+
+
+def test_submit_without_kubectl_or_without_a_cluster_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UserError, match="kubectl not found on PATH"):
+        k8s.submit(tiny_spec(), ALL, dry_run=False)
+    real = subprocess.run(["bash", "-c", "command -v kubectl"], capture_output=True, text=True,
+                          env={"PATH": os.defpath + ":/usr/bin:/usr/local/bin"}).stdout.strip()
+    if not real:
+        pytest.skip("no real kubectl on this machine")
+    (tmp_path / "kubectl").symlink_to(real)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(UserError, match="kubectl get .* failed"):
+        k8s.submit(tiny_spec(), ALL, dry_run=False)
+
+
+def _write_state(run_dir: Path, stage: str, status: str, attempts: int, error: str | None = None) -> None:
+    RunDir(run_dir).write_state(StageState(stage=stage, status=status, attempts=attempts, error=error))
+
+
+def test_wait_returns_at_once_when_the_stage_succeeded(tmp_path):
+    _write_state(tmp_path, "train", "succeeded", 1)
+    assert k8s.wait_for_stage(tmp_path, "train", poll=0.01, grace=0) == 0
+
+
+def test_wait_fails_when_a_failure_stands_for_the_grace_period(tmp_path, capsys):
+    _write_state(tmp_path, "merge", "failed", 2, error="CUDA out of memory")
+    assert k8s.wait_for_stage(tmp_path, "merge", poll=0.01, grace=0.05) == k8s.WAIT_FAILED_EXIT
+    assert "CUDA out of memory" in capsys.readouterr().err
+
+
+def test_wait_outlives_a_stale_failure_that_a_restart_replaces(tmp_path):
+    """An earlier submission's failure, then the new train pod starts and succeeds: merge runs."""
+    _write_state(tmp_path, "train", "failed", 1)
+
+    def restart_then_succeed():
+        time.sleep(0.2)
+        _write_state(tmp_path, "train", "running", 2)
+        time.sleep(0.2)
+        _write_state(tmp_path, "train", "succeeded", 2)
+
+    thread = threading.Thread(target=restart_then_succeed)
+    thread.start()
+    assert k8s.wait_for_stage(tmp_path, "train", poll=0.02, grace=5) == 0
+    thread.join()
+
+
+def test_wait_command_as_the_init_container_runs_it(tmp_path):
+    """No state file yet (train not started) keeps it waiting; then success ends it with 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "llava_cluster.launch.k8s", "wait", "train",
+                             "--run-dir", str(tmp_path), "--poll", "0.1"], stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    assert proc.poll() is None
+    _write_state(tmp_path, "train", "succeeded", 1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "train succeeded" in out
