@@ -251,8 +251,16 @@ def render(spec: RunSpec, stages: list[str]) -> list[dict[str, Any]]:
     return docs
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes shared sub-objects (e.g. the Master's and Workers' container) out in full, not as
+    YAML anchors: manifests are read by people and by tools that do not expand aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def to_yaml(docs: list[dict[str, Any]]) -> str:
-    return yaml.safe_dump_all(docs, sort_keys=False)
+    return yaml.dump_all(docs, Dumper=_PlainDumper, sort_keys=False)
 
 
 def _kubectl(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
