@@ -19,6 +19,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("data", "llava_cluster.data.cli", "check, convert, summarise and preview LLaVA conversation data"),
     ("tiny", "llava_cluster.model.tiny_cli", "write a tiny random LLaVA model and a learnable synthetic dataset"),
     ("logs", "llava_cluster.logs", "print or follow a stage's log (--follow), or its SLURM job's console output"),
+    ("convert", "llava_cluster.convert_cli", "convert original-layout LLaVA checkpoints and LoRA outputs to HF LLaVA"),
+    ("plan", "llava_cluster.plan", "estimate per-GPU memory of a spec, the verdict for its GPUs and the largest batch"),
 ]
 
 EPILOG = """\

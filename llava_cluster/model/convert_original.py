@@ -1,0 +1,390 @@
+"""Convert original-layout LLaVA (haotian-liu/LLaVA, v1.5) checkpoints and LoRA outputs to ours.
+
+Original checkpoints are a flat Llama config with `mm_*` keys, Llama weight names plus
+`model.mm_projector.{0,2}`, a tokenizer without `<image>`/`<pad>`, and no vision tower (CLIP is loaded
+by name at run time, so the user hands us a local CLIP folder). We write a Hugging Face native
+`LlavaForConditionalGeneration` + `LlavaProcessor` once, so nothing downstream needs the original code.
+
+Pickles (`*.bin`) are read only with `torch.load(weights_only=True)` and only when the caller allows it;
+everything written is safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from llava_cluster.data.templates import IMAGE_TOKEN
+from llava_cluster.errors import UserError
+from llava_cluster.rundir import atomic_dir
+
+PAD_TOKEN = "<pad>"
+ORIGINAL_ARCHITECTURES = ("LlavaLlamaForCausalLM",)
+SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+# Original LM/projector names -> in-memory LlavaForConditionalGeneration names.
+_ORIGINAL_RENAMES = (
+    (r"model\.mm_projector\.0\.(weight|bias)", r"model.multi_modal_projector.linear_1.\1"),
+    (r"model\.mm_projector\.2\.(weight|bias)", r"model.multi_modal_projector.linear_2.\1"),
+    (r"model\.vision_tower\.vision_tower\.vision_model\.(.+)", r"model.vision_tower.\1"),
+    (r"model\.(embed_tokens|norm|layers)\.(.+)", r"model.language_model.\1.\2"),
+    (r"lm_head\.weight", r"lm_head.weight"),
+)
+# Buffers older transformers saved that current models recompute.
+_DROPPED = re.compile(r".*rotary_emb\.inv_freq|.*position_ids")
+
+
+def is_original_layout(config: dict[str, Any]) -> bool:
+    """An original-repo LLaVA config: flat Llama keys plus `mm_vision_tower`, no `text_config`."""
+    archs = config.get("architectures") or []
+    return "text_config" not in config and (
+        "mm_vision_tower" in config or any(a in ORIGINAL_ARCHITECTURES for a in archs)
+    )
+
+
+def original_name(key: str) -> str | None:
+    """The in-memory name of an original checkpoint key; None for buffers we drop."""
+    if _DROPPED.fullmatch(key):
+        return None
+    for pattern, repl in _ORIGINAL_RENAMES:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, repl, key)
+    raise UserError(
+        f"unexpected tensor {key!r} in the original checkpoint: only LLaVA-1.5 (Llama LM + mlp2x_gelu "
+        "projector) checkpoints are supported"
+    )
+
+
+def read_weights(folder: Path, allow_pickle: bool) -> Iterator[tuple[str, Any]]:
+    """(key, tensor) of a checkpoint folder: safetensors if there are any, else pickled `*.bin`."""
+    import torch
+    from safetensors import safe_open
+
+    st = sorted(folder.glob("*.safetensors"))
+    if st:
+        for path in st:
+            with safe_open(path, "pt") as fh:
+                for key in fh.keys():
+                    yield key, fh.get_tensor(key)
+        return
+    pickles = sorted(p for p in folder.glob("*.bin") if p.name != "training_args.bin")
+    if not pickles:
+        raise UserError(f"{folder}: no *.safetensors or *.bin weight files")
+    if not allow_pickle:
+        raise UserError(
+            f"{folder}: the weights are pickles ({pickles[0].name}); a pickle can run code when loaded. "
+            "Pass --allow-pickle to read them with torch.load(weights_only=True), which loads tensors only."
+        )
+    for path in pickles:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:
+            raise UserError(f"{path}: not a plain tensor pickle ({err.__class__.__name__}: {err})") from None
+        yield from state.items()
+
+
+def _vision_config(clip_dir: Path):
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    cfg_path = clip_dir / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"--vision-tower {clip_dir}: no config.json (give a local CLIP checkpoint folder)")
+    model_type = json.loads(cfg_path.read_text()).get("model_type")
+    if model_type == "clip":
+        return CLIPConfig.from_pretrained(clip_dir).vision_config
+    if model_type == "clip_vision_model":
+        return CLIPVisionConfig.from_pretrained(clip_dir)
+    raise UserError(f"--vision-tower {clip_dir}: model_type {model_type!r} is not a CLIP checkpoint")
+
+
+def _vision_weights(clip_dir: Path, allow_pickle: bool) -> Iterator[tuple[str, Any]]:
+    """The vision tower's weights of a CLIPModel or CLIPVisionModel folder, as in-memory names."""
+    for key, tensor in read_weights(clip_dir, allow_pickle):
+        if _DROPPED.fullmatch(key):
+            continue
+        if key.startswith("vision_model."):
+            yield "model.vision_tower." + key.removeprefix("vision_model."), tensor
+        elif not key.startswith(("text_model.", "visual_projection", "text_projection", "logit_scale")):
+            yield "model.vision_tower." + key, tensor
+
+
+def _text_config(flat: dict[str, Any], vocab_size: int, pad_token_id: int):
+    from transformers import LlamaConfig
+
+    llama_keys = set(LlamaConfig().to_dict()) | {"rope_scaling", "rope_theta"}
+    skip = {"architectures", "_name_or_path", "model_type", "transformers_version", "dtype", "torch_dtype"}
+    kwargs = {k: v for k, v in flat.items() if k in llama_keys and k not in skip}
+    if kwargs.get("rope_scaling") is None:
+        kwargs.pop("rope_scaling", None)
+    return LlamaConfig(**{**kwargs, "vocab_size": vocab_size, "pad_token_id": pad_token_id,
+                          "tie_word_embeddings": False})
+
+
+def _load_tokenizer(src: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except Exception as err:
+        raise UserError(
+            f"{src}: cannot load the tokenizer ({err.__class__.__name__}: {err}). A sentencepiece-only "
+            "tokenizer (tokenizer.model) needs `pip install sentencepiece protobuf` once for the conversion."
+        ) from None
+
+
+def _add_tokens(tokenizer) -> list[str]:
+    """Add `<image>` and a `<pad>` pad token where missing (the original pads with <unk>)."""
+    added = []
+    vocab = tokenizer.get_vocab()
+    if IMAGE_TOKEN not in vocab:
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+        added.append(IMAGE_TOKEN)
+    if PAD_TOKEN not in vocab:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        added.append(PAD_TOKEN)
+    else:
+        tokenizer.pad_token = PAD_TOKEN
+    return added
+
+
+def _resize_rows(weight, rows: int):
+    """Grow an embedding/lm_head matrix to `rows`; new rows = the mean of the existing rows, so new
+    tokens start as an 'average' token instead of random noise that would dominate the softmax."""
+    import torch
+
+    extra = rows - weight.shape[0]
+    if extra <= 0:
+        return weight
+    mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
+    return torch.cat([weight, mean.expand(extra, -1)], dim=0)
+
+
+def check_original_config(src: Path) -> dict[str, Any]:
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{src}: no config.json")
+    flat = json.loads(cfg_path.read_text())
+    if not is_original_layout(flat):
+        raise UserError(f"{src}: not an original-layout LLaVA checkpoint (no mm_vision_tower in config.json)")
+    problems = []
+    if flat.get("mm_projector_type", "linear") != "mlp2x_gelu":
+        problems.append(f"mm_projector_type={flat.get('mm_projector_type', 'linear')!r} (need 'mlp2x_gelu')")
+    if flat.get("mm_use_im_start_end") or flat.get("mm_use_im_patch_token"):
+        problems.append("mm_use_im_start_end/mm_use_im_patch_token (image start/end tokens)")
+    if flat.get("mm_vision_select_feature", "patch") not in SELECT_FEATURE:
+        problems.append(f"mm_vision_select_feature={flat['mm_vision_select_feature']!r}")
+    if problems:
+        raise UserError(f"{src}: not convertible to HF LlavaForConditionalGeneration: {'; '.join(problems)}")
+    return flat
+
+
+def convert_original(
+    src: Path, vision_tower: Path, out: Path, allow_pickle: bool = False, pad_to: int = 64,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """Write `out` as a native HF LLaVA checkpoint + processor; returns what was done (also saved as
+    out/conversion.json). `pad_to` rounds the vocabulary up (64 suits tensor cores; 1 keeps it)."""
+    import torch
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    src, vision_tower, out = Path(src), Path(vision_tower), Path(out)
+    flat = check_original_config(src)
+    vision_cfg = _vision_config(vision_tower)
+    if flat.get("mm_hidden_size", vision_cfg.hidden_size) != vision_cfg.hidden_size:
+        raise UserError(
+            f"--vision-tower {vision_tower}: hidden size {vision_cfg.hidden_size} != the checkpoint's "
+            f"mm_hidden_size {flat['mm_hidden_size']} (it was trained with {flat.get('mm_vision_tower')})"
+        )
+    if not (vision_tower / "preprocessor_config.json").is_file():
+        raise UserError(f"--vision-tower {vision_tower}: no preprocessor_config.json (CLIP image processor)")
+
+    tokenizer = _load_tokenizer(src)
+    added = _add_tokens(tokenizer)
+
+    state: dict[str, Any] = {}
+    for key, tensor in read_weights(src, allow_pickle):
+        name = original_name(key)
+        if name is not None:
+            state[name] = tensor
+    if "model.vision_tower.embeddings.patch_embedding.weight" not in state:
+        state.update(_vision_weights(vision_tower, allow_pickle))
+    lm_dtype = state["model.language_model.embed_tokens.weight"].dtype
+    target = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype] if dtype else lm_dtype
+    state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+
+    old_vocab = state["model.language_model.embed_tokens.weight"].shape[0]
+    needed = max(old_vocab, len(tokenizer))
+    vocab = -(-needed // pad_to) * pad_to
+    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        state[key] = _resize_rows(state[key], vocab)
+
+    strategy = SELECT_FEATURE[flat.get("mm_vision_select_feature", "patch")]
+    patches = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
+    config = LlavaConfig(
+        text_config=_text_config(flat, vocab, tokenizer.pad_token_id),
+        vision_config=vision_cfg,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=patches + (1 if strategy == "full" else 0),
+        vision_feature_layer=flat.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=target)
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise UserError(
+            f"{src}: the weights do not make a LLaVA model: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    model.load_state_dict(state, assign=True, strict=True)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor.from_pretrained(vision_tower),
+        tokenizer=tokenizer,
+        patch_size=vision_cfg.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1,
+    )
+    report = {
+        "source": str(src),
+        "vision_tower": str(vision_tower),
+        "added_tokens": added,
+        "vocab_size": {"before": old_vocab, "after": vocab},
+        "new_rows": "mean of the existing embedding / lm_head rows",
+        "image_token_index": config.image_token_index,
+        "pad_token_id": tokenizer.pad_token_id,
+        "dtype": str(target).removeprefix("torch."),
+        "image_aspect_ratio": flat.get("image_aspect_ratio", "pad"),
+    }
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _read_one(folder: Path, stem: str, allow_pickle: bool) -> dict[str, Any]:
+    """`stem`.safetensors, else `stem`.bin (a pickle: only with allow_pickle, tensors only)."""
+    import torch
+    from safetensors.torch import load_file
+
+    st, pkl = folder / f"{stem}.safetensors", folder / f"{stem}.bin"
+    if st.is_file():
+        return load_file(st)
+    if not pkl.is_file():
+        raise UserError(f"{folder}: neither {st.name} nor {pkl.name} found")
+    if not allow_pickle:
+        raise UserError(
+            f"{pkl} is a pickle, and loading a pickle can run code. Pass --allow-pickle to read it with "
+            "torch.load(weights_only=True), which accepts tensors only; the output is safetensors."
+        )
+    try:
+        return torch.load(pkl, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{pkl}: not a plain tensor pickle ({err.__class__.__name__}: {err})") from None
+
+
+def _lora_name(key: str) -> str:
+    m = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.(.+)\.(lora_[AB])(?:\.default)?\.weight", key)
+    if not m:
+        raise UserError(
+            f"adapter tensor {key!r} is not a LoRA weight of the language model's layers; only adapters "
+            "of the original LLaVA `--lora_enable` training are supported"
+        )
+    layer, module, ab = m.groups()
+    return f"base_model.model.model.language_model.layers.{layer}.{module}.{ab}.weight"
+
+
+def _projector_name(key: str) -> str:
+    bare = key.removeprefix("base_model.model.")
+    if not bare.startswith("model.mm_projector."):
+        raise UserError(
+            f"non_lora_trainables: unexpected tensor {key!r} (only the mm_projector is converted; an "
+            "adapter that also trained embeddings or the vision tower is not supported)"
+        )
+    return original_name(bare)
+
+
+def _lora_config_dict(src_cfg: dict[str, Any], base: Path) -> dict[str, Any]:
+    from peft import LoraConfig
+
+    targets = src_cfg.get("target_modules")
+    if not isinstance(targets, list) or not targets:
+        raise UserError(f"adapter_config.json: target_modules {targets!r} is not a list of module names")
+    names = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    known = {f.name for f in LoraConfig.__dataclass_fields__.values()}
+    kwargs = {k: v for k, v in src_cfg.items() if k in known and k not in ("peft_version", "auto_mapping")}
+    kwargs.update(
+        # Anchored to the language model: CLIP's layers use the same q/k/v names.
+        target_modules=rf".*language_model.*\.({'|'.join(re.escape(n) for n in names)})",
+        base_model_name_or_path=str(base),
+        inference_mode=True,
+    )
+    return LoraConfig(**kwargs).to_dict()
+
+
+def convert_adapter(
+    src: Path, base: Path, out: Path, allow_pickle: bool = False, template: str = "vicuna_v1"
+) -> dict[str, Any]:
+    """Original `--lora_enable` output (adapter + non_lora_trainables) -> our adapter layout, checked
+    tensor by tensor against the converted base so a wrong base fails here, not at merge time."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    src, base, out = Path(src), Path(base), Path(out)
+    cfg_path = src / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{src}: no adapter_config.json (not a LoRA output folder)")
+    from llava_cluster.model.load import read_llava_config
+
+    read_llava_config(base)
+    src_cfg = json.loads(cfg_path.read_text())
+    lora = {_lora_name(k): v.contiguous() for k, v in _read_one(src, "adapter_model", allow_pickle).items()}
+    if not any((src / f"non_lora_trainables.{ext}").is_file() for ext in ("bin", "safetensors")):
+        raise UserError(
+            f"{src}: no non_lora_trainables.bin. The projector trained with the adapter is in that file; "
+            "merging without it would silently keep the base projector."
+        )
+    extra = _read_one(src, "non_lora_trainables", allow_pickle)
+    projector = {_projector_name(k): v.contiguous() for k, v in extra.items()}
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration._from_config(AutoConfig.from_pretrained(base))
+    params = dict(model.named_parameters())
+    problems = []
+    for key, tensor in lora.items():
+        module = key.removeprefix("base_model.model.").rsplit(".", 2)[0]
+        weight = params.get(f"{module}.weight")
+        side = 1 if ".lora_A." in key else 0
+        if weight is None or weight.shape[side] != tensor.shape[side]:
+            problems.append(f"{key} {tuple(tensor.shape)}")
+    problems += [f"{k} {tuple(v.shape)}" for k, v in projector.items()
+                 if k not in params or params[k].shape != v.shape]
+    if problems:
+        raise UserError(f"{src} does not fit the base {base}: {len(problems)} tensor(s), e.g. {problems[0]}")
+
+    config = _lora_config_dict(src_cfg, base)
+    meta = {
+        "format_version": 1,
+        "base": str(base),
+        "template": template,
+        "method": "lora",
+        "spec_digest": None,
+        "converted_from": str(src),
+        "lora": {"r": config["r"], "alpha": config["lora_alpha"], "dropout": config["lora_dropout"],
+                 "target_modules": config["target_modules"]},
+    }
+    with atomic_dir(out) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=list) + "\n")
+        save_file(lora, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_file(projector, tmp / "non_lora_trainables.safetensors", metadata={"format": "pt"})
+        (tmp / "llava_cluster.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return {**meta, "lora_tensors": len(lora), "projector_tensors": len(projector)}
