@@ -1,0 +1,104 @@
+"""The training dataset: records kept compact, images and tokens produced only when a sample is drawn.
+
+Every rank (and every data-loader worker) holds the dataset, so holding 665k samples as Python dicts
+would cost several GB per process. Records are streamed from the file once and kept as compact JSON
+bytes in one buffer with an offset table; a sample is decoded, encoded (`encode.py`) and its image
+opened only in `__getitem__`. `lengths`/`is_image` for the sampler are computed during that one pass.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+from pathlib import Path
+from typing import Any
+
+from llava_cluster.data.encode import encode_sample, estimate_length, has_image, sample_id
+from llava_cluster.data.reader import SampleReader
+from llava_cluster.data.templates import Template
+from llava_cluster.errors import UserError
+
+ASPECT_RATIOS = ("pad", "resize")
+
+
+def pad_to_square(image: Any, colour: tuple[int, int, int]) -> Any:
+    """Centre `image` on a square canvas of `colour`, as LLaVA-1.5 does, so the crop keeps the whole image."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), colour)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def mean_colour(image_processor: Any) -> tuple[int, int, int]:
+    """The image processor's normalisation mean as an RGB colour: padding that normalises to zero."""
+    return tuple(int(round(m * 255)) for m in image_processor.image_mean)
+
+
+class LazySupervisedDataset:
+    """`__getitem__` -> {input_ids, labels, pixel_values (only for image samples)} as torch tensors."""
+
+    def __init__(self, data_path: str | Path, image_folder: str | Path | None, processor: Any,
+                 template: Template, max_length: int | None, image_aspect_ratio: str = "pad") -> None:
+        from llava_cluster.model.load import image_seq_length
+
+        if image_aspect_ratio not in ASPECT_RATIOS:
+            raise UserError(f"image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, not {image_aspect_ratio!r}")
+        self.data_path = Path(data_path)
+        self.image_folder = Path(image_folder) if image_folder else self.data_path.parent
+        self.processor = processor
+        self.template = template
+        self.max_length = max_length
+        self.image_aspect_ratio = image_aspect_ratio
+        self.image_seq_length = image_seq_length(processor)
+        self.pad_colour = mean_colour(processor.image_processor)
+        self.lengths: list[int] = []
+        self.is_image: list[bool] = []
+        self._blob = bytearray()
+        self._offsets = array("Q", [0])
+        for record in SampleReader(self.data_path):
+            if record.error is not None:
+                raise UserError(f"{self.data_path}: {record.error} (run `llava-cluster data check`)")
+            if not isinstance(record.value, dict):
+                raise UserError(f"{self.data_path}: sample #{record.index} is not an object")
+            self._blob += json.dumps(record.value, separators=(",", ":"), ensure_ascii=False).encode()
+            self._offsets.append(len(self._blob))
+            self.is_image.append(has_image(record.value))
+            self.lengths.append(estimate_length(record.value, self.image_seq_length))
+        if not self.lengths:
+            raise UserError(f"{self.data_path} holds no samples")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def record(self, index: int) -> dict:
+        return json.loads(self._blob[self._offsets[index]:self._offsets[index + 1]])
+
+    def load_image(self, sample: dict) -> Any:
+        """Open, RGB-convert and (for "pad") square the sample's image; a broken file names the sample."""
+        from PIL import Image
+
+        path = self.image_folder / sample["image"]
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except (OSError, ValueError) as err:
+            raise UserError(f"sample {sample_id(sample)}: cannot open image {path}: {err} "
+                            "(run `llava-cluster data check --image-folder` before training)") from None
+        return pad_to_square(image, self.pad_colour) if self.image_aspect_ratio == "pad" else image
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+
+        sample = self.record(index)
+        enc = encode_sample(sample, self.processor.tokenizer, self.template, self.image_seq_length, self.max_length)
+        item = {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+                "labels": torch.tensor(enc.labels, dtype=torch.long)}
+        if enc.has_image:
+            pixels = self.processor.image_processor(images=self.load_image(sample), return_tensors="pt")
+            item["pixel_values"] = pixels["pixel_values"][0]
+        return item
