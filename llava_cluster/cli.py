@@ -18,6 +18,12 @@ from llava_cluster.errors import UserError
 COMMANDS: list[tuple[str, str, str]] = [
     ("data", "llava_cluster.data.cli", "check, convert, summarise and preview LLaVA conversation data"),
     ("tiny", "llava_cluster.model.tiny_cli", "write a tiny random LLaVA model and a learnable synthetic dataset"),
+    ("submit", "llava_cluster.submit", "run a spec's stages (train -> merge -> validate) locally, on SLURM or on k8s"),
+    ("status", "llava_cluster.status", "show a run's stages: state, job ids, attempts, elapsed, failing log tail"),
+    ("merge", "llava_cluster.merge", "fold an adapter + projector into the base: a standard HF checkpoint"),
+    ("validate", "llava_cluster.validate", "generate on held-out samples, score against references and the base"),
+    ("demo", "llava_cluster.demo", "the whole pipeline on a tiny model, on this machine, in a few minutes"),
+    ("stage", "llava_cluster.stage", "run one stage (train, merge, validate) of a run directory: what every job runs"),
     ("logs", "llava_cluster.logs", "print or follow a stage's log (--follow), or its SLURM job's console output"),
     ("convert", "llava_cluster.convert_cli", "convert original-layout LLaVA checkpoints and LoRA outputs to HF LLaVA"),
     ("plan", "llava_cluster.plan", "estimate per-GPU memory of a spec, the verdict for its GPUs and the largest batch"),

@@ -2,7 +2,7 @@
 
     <storage>/runs/<name>/
       spec.yaml                 frozen spec (what actually ran)
-      state/<stage>.json        pending|running|succeeded|failed|cancelled, attempts, job ids, timings
+      state/<stage>.json        pending|running|preempted|succeeded|failed|cancelled, attempts, job ids, timings
       train/checkpoint-<step>/  resumable checkpoints (adapter + projector + trainer state)
       train/final/              the final adapter + projector + metadata
       merged/                   standard HF checkpoint + processor
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("train", "merge", "validate")
-STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
+STATUSES = ("pending", "running", "preempted", "succeeded", "failed", "cancelled")
 COMPLETE_MARKER = "COMPLETE"
 
 

@@ -72,13 +72,18 @@ class OptimSpec(_Section):
 
 class TrainingSpec(_Section):
     deepspeed: str = Field("zero3", description="zero2 | zero3 | zero3_offload | path to a DeepSpeed JSON")
+    deepspeed_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="deep-merged into the DeepSpeed config, e.g. {zero_optimization: {...}}"
+    )
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     gradient_checkpointing: bool = True
     save_steps: int = Field(500, ge=1)
     save_total_limit: int | None = Field(3, ge=1)
     eval_steps: int | None = Field(None, ge=1)
     logging_steps: int = Field(1, ge=1)
-    device_map: bool = Field(False, description="QLoRA: place each rank's 4-bit model with a device_map")
+    device_map: bool | None = Field(
+        None, description="QLoRA on GPUs: place each rank's 4-bit model with a device_map (default: yes unless ZeRO-3)"
+    )
 
 
 class ResourcesSpec(_Section):
@@ -164,7 +169,7 @@ class RunSpec(_Section):
                 f"training.deepspeed: {ds!r} is neither a preset ({', '.join(DEEPSPEED_PRESETS)}) nor a .json path"
             )
         if self.method == "qlora":
-            if ds.startswith("zero3") and self.training.device_map:
+            if ds.startswith("zero3") and self.training.device_map is True:
                 raise ValueError(
                     "QLoRA with training.device_map=true cannot run under ZeRO-3 (DeepSpeed rejects a "
                     "device_map). Set training.deepspeed=zero2 (recommended) or training.device_map=false."

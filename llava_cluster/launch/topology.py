@@ -1,0 +1,109 @@
+"""Where am I in the job? One place maps every launcher's environment onto torch.distributed's.
+
+Three shapes, checked in this order:
+  rank     one process per rank already: torchrun children (RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*), or
+           SLURM srun tasks (SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS; master = first allocated node)
+  node     one process per node that must start its ranks: Kubeflow PyTorchJob (MASTER_ADDR,
+           MASTER_PORT, PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK; RANK there is the node rank)
+           or an sbatch with one task per node — re-executed under torchrun, static rendezvous
+  local    nothing set: this machine alone, `resources.gpus_per_node` ranks (torchrun if more than 1)
+
+SLURM jobs use the rank shape: `srun --ntasks-per-node=<gpus>` starts every rank directly, so a
+`--signal` reaches each rank without a torchrun agent in between, and no hostfile or ssh is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class NodeLaunch:
+    nnodes: int
+    nproc_per_node: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist like `gpu[03-05,9]` (scontrol knows every syntax)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return head
+
+
+def slurm_port(job_id: str | None) -> int:
+    """A port every node of one job derives alike, different between jobs sharing a node."""
+    return DEFAULT_PORT + (int(job_id) % 20000 if job_id and job_id.isdigit() else 0)
+
+
+def rank_env(env: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The torch.distributed variables for a process that already is one rank, else None."""
+    env = dict(os.environ if env is None else env)
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    if all(k in env for k in keys):
+        return {k: env[k] for k in keys}
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        if int(env["SLURM_NTASKS"]) == int(env.get("SLURM_NNODES", "1")) and env.get("LLAVA_NPROC_PER_NODE"):
+            return None  # one task per node that must start its own ranks: node shape
+        return {
+            "RANK": env["SLURM_PROCID"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "WORLD_SIZE": env["SLURM_NTASKS"],
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"]),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(slurm_port(env.get("SLURM_JOB_ID"))),
+        }
+    return None
+
+
+def node_launch(gpus_per_node: int, env: dict[str, str] | None = None) -> NodeLaunch:
+    """The node-level picture when this process must start the node's ranks itself."""
+    env = dict(os.environ if env is None else env)
+    if "PET_NNODES" in env:  # Kubeflow PyTorchJob
+        nnodes = int(env["PET_NNODES"].split(":")[-1])
+        return NodeLaunch(
+            nnodes=nnodes,
+            nproc_per_node=int(env.get("PET_NPROC_PER_NODE", gpus_per_node)),
+            node_rank=int(env.get("PET_NODE_RANK", env.get("RANK", "0"))),
+            master_addr=env["MASTER_ADDR"],
+            master_port=int(env.get("MASTER_PORT", 23456)),
+        )
+    if "SLURM_JOB_NODELIST" in env and "SLURM_NNODES" in env:
+        return NodeLaunch(
+            nnodes=int(env["SLURM_NNODES"]),
+            nproc_per_node=int(env.get("LLAVA_NPROC_PER_NODE", gpus_per_node)),
+            node_rank=int(env.get("SLURM_NODEID", "0")),
+            master_addr=env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"]),
+            master_port=int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID"))),
+        )
+    return NodeLaunch(1, gpus_per_node, 0, "127.0.0.1", 0)
+
+
+def torchrun_argv(launch: NodeLaunch, stage_argv: list[str]) -> list[str]:
+    """torchrun with a static rendezvous on the master; every rank then runs `stage_argv`."""
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={launch.nproc_per_node}"]
+    if launch.nnodes == 1 and not launch.master_port:
+        argv.append("--standalone")  # this machine alone: torchrun picks a free port
+    else:
+        argv += [f"--nnodes={launch.nnodes}", f"--node-rank={launch.node_rank}",
+                 f"--master-addr={launch.master_addr}", f"--master-port={launch.master_port}"]
+    return argv + ["-m", "llava_cluster.cli", *stage_argv]

@@ -1,0 +1,167 @@
+"""Fold a trained adapter and projector into the base: a standard HF checkpoint + processor that
+stock `LlavaForConditionalGeneration.from_pretrained` loads.
+
+The base is explicit — from the adapter's metadata, or `--base` — never guessed from folder names.
+QLoRA adapters merge into the unquantized base by default (the usual deployment target); with
+`--into dequantized` they merge into the 4-bit weights dequantized, which reproduces the model that
+was trained exactly, quantization error included. `--verify` compares the merged model's logits with
+base + adapter on a probe batch and refuses to write the output above tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from llava_cluster.console import console, err_console
+from llava_cluster.errors import UserError
+from llava_cluster.rundir import RunDir, atomic_dir, atomic_write_json
+from llava_cluster.spec import RunSpec
+
+MERGE_INFO = "llava_cluster_merge.json"
+# Relative error ‖merged − reference‖ / ‖reference‖ allowed on the probe logits, by weight dtype.
+TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 5e-3}
+
+
+@dataclass
+class MergeResult:
+    out: str
+    base: str
+    adapter: str
+    into: str
+    dtype: str
+    method: str
+    template: str
+    streaming: bool
+    max_abs_diff: float | None = None
+    rel_diff: float | None = None
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _logits(model: Any, batch: dict[str, Any]) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None = None, into: str = "base",
+                  dtype: str = "bf16", verify: bool = True, streaming: bool | None = None) -> MergeResult:
+    from llava_cluster.train.artifacts import apply_projector, check_artifacts, read_metadata
+
+    adapter = check_artifacts(adapter)
+    meta = read_metadata(adapter)
+    base = str(base or meta.get("base") or "")
+    if not base:
+        raise UserError(f"{adapter} does not record its base model: pass --base DIR")
+    if into == "dequantized" and meta.get("method") not in ("qlora", None):
+        raise UserError("--into dequantized is for QLoRA adapters; this one was trained with "
+                        f"method={meta.get('method')}")
+    result = MergeResult(out=str(out), base=base, adapter=str(adapter), into=into, dtype=dtype,
+                         method=meta.get("method", "lora"), template=meta.get("template", "vicuna_v1"),
+                         streaming=False)
+    if streaming is None:
+        from llava_cluster.merge_streaming import fits_in_memory
+
+        streaming = into == "base" and not fits_in_memory(Path(base))
+    if streaming:
+        if into != "base":
+            raise UserError("--streaming merges into the unquantized base only (drop --into dequantized)")
+        from llava_cluster.merge_streaming import streaming_merge
+
+        streaming_merge(Path(base), adapter, Path(out), dtype=dtype)
+        result.streaming = True
+        atomic_write_json(Path(out) / MERGE_INFO, asdict(result))
+        return result
+
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_cluster.model.load import load_llava, load_processor
+    from llava_cluster.probe import probe_inputs
+
+    processor = load_processor(base)
+    if into == "dequantized":
+        model = load_llava(base, dtype=_torch_dtype(dtype), load_in_4bit=True, compute_dtype=_torch_dtype(dtype))
+        model = model.dequantize()
+    else:
+        model = load_llava(base, dtype=_torch_dtype(dtype))
+    apply_projector(model, adapter)
+    model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    batch = probe_inputs(processor, result.template) if verify else None
+    reference = _logits(model, batch) if verify else None
+    merged = model.merge_and_unload()
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if verify:
+            reloaded = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=_torch_dtype(dtype)).eval()
+            diff = (_logits(reloaded, batch) - reference)
+            result.max_abs_diff = float(diff.abs().max())
+            result.rel_diff = float(diff.norm() / reference.norm().clamp_min(1e-12))
+            if result.rel_diff > TOLERANCE[dtype]:
+                raise UserError(
+                    f"merge verification failed: merged logits differ from base + adapter by "
+                    f"{result.rel_diff:.2e} (relative; max |Δ| {result.max_abs_diff:.2e}) > {TOLERANCE[dtype]:.0e} "
+                    f"for {dtype}; nothing was written to {out}", exit_code=1)
+        atomic_write_json(Path(tmp) / MERGE_INFO, asdict(result))
+    return result
+
+
+def read_merge_info(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / MERGE_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _report(result: MergeResult) -> None:
+    line = f"merged {result.adapter} into {result.base} ({result.into}, {result.dtype}) -> {result.out}"
+    if result.rel_diff is not None:
+        line += f"\nverified: relative logit difference {result.rel_diff:.2e}, max |Δ| {result.max_abs_diff:.2e}"
+    err_console.print(line, highlight=False)
+
+
+def merge_stage(spec: RunSpec, run: RunDir) -> int:
+    result = merge_adapter(run.final_dir, run.merged_dir, base=spec.model.base, into=spec.merge.into,
+                           dtype=spec.merge.dtype, verify=spec.merge.verify)
+    _report(result)
+    return 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "examples:\n"
+        "  llava-cluster merge --adapter runs/my-run/train/final --out merged/ --verify\n"
+        "  llava-cluster merge --adapter final/ --base llava-1.5-13b-hf/ --out merged/ --dtype bf16\n"
+        "  llava-cluster merge --adapter final/ --out merged/ --into dequantized     # QLoRA, exact\n"
+        "  llava-cluster merge --adapter final/ --out merged/ --streaming            # shard by shard, low RAM\n"
+    )
+    parser.add_argument("--adapter", required=True, type=Path, help="train/final or a train/checkpoint-N folder")
+    parser.add_argument("--out", required=True, type=Path, help="where the merged checkpoint goes")
+    parser.add_argument("--base", type=Path, default=None, help="base model (default: recorded in the adapter)")
+    parser.add_argument("--into", choices=("base", "dequantized"), default="base",
+                        help="QLoRA: merge into the unquantized base (default) or the dequantized 4-bit weights")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights of the output")
+    parser.add_argument("--verify", action="store_true", help="compare merged vs base+adapter logits, fail above tolerance")
+    parser.add_argument("--streaming", action="store_true", default=None,
+                        help="merge one safetensors shard at a time (default: when the model would not fit in RAM)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    def handler(args: argparse.Namespace) -> int:
+        result = merge_adapter(args.adapter, args.out, base=args.base, into=args.into, dtype=args.dtype,
+                               verify=args.verify, streaming=args.streaming)
+        if args.json:
+            console.print_json(data=asdict(result))
+        else:
+            _report(result)
+        return 0
+
+    parser.set_defaults(func=handler)

@@ -1,0 +1,114 @@
+"""The validation report: one self-contained HTML page (images inlined) and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+from llava_cluster.rundir import atomic_write_bytes, atomic_write_text
+
+MAX_ROWS = 200
+
+
+def loss_curve_png(metrics_log: Path) -> bytes | None:
+    """Training (and eval) loss against step, from logs/train_metrics.jsonl; None without data."""
+    from llava_cluster.train.callbacks import read_metrics
+
+    rows = read_metrics(metrics_log)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _thumbnail(image_folder: Path | None, rel: str | None) -> str:
+    if not rel or image_folder is None:
+        return "<em>text only</em>"
+    from PIL import Image
+
+    try:
+        with Image.open(image_folder / rel) as img:
+            img = img.convert("RGB")
+            img.thumbnail((96, 96))
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+    except OSError:
+        return f"<em>{html.escape(rel)} (unreadable)</em>"
+    return f'<img alt="{html.escape(rel)}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _metric_rows(metrics: dict[str, Any]) -> str:
+    out = []
+    for label in ("base", "finetuned"):
+        if label in metrics:
+            m = metrics[label]
+            out.append(f"<tr><td>{label}</td><td>{m['exact_match']:.1%}</td><td>{m['token_f1']:.3f}</td>"
+                       f"<td>{m['eval_loss']:.3f}</td></tr>")
+    return "\n".join(out)
+
+
+def write_report(out_dir: Path, metrics: dict[str, Any], rows: list[dict[str, Any]], image_folder: Path | None,
+                 metrics_log: Path | None) -> Path:
+    curve = loss_curve_png(metrics_log) if metrics_log else None
+    if curve:
+        atomic_write_bytes(out_dir / "loss.png", curve)
+    has_base = "base" in metrics
+    head = "<th>image</th><th>prompt</th><th>reference</th>" + ("<th>base</th>" if has_base else "") + "<th>fine-tuned</th>"
+    body = []
+    for row in rows[:MAX_ROWS]:
+        def cell(label: str) -> str:
+            ok = row.get(f"{label}_exact_match") == 1.0
+            return f'<td class="{"ok" if ok else "miss"}">{html.escape(str(row.get(f"{label}_prediction", "")))}</td>'
+
+        body.append(
+            f"<tr><td>{_thumbnail(image_folder, row.get('image'))}</td><td>{html.escape(row['prompt'])}</td>"
+            f"<td>{html.escape(row['reference'])}</td>{cell('base') if has_base else ''}{cell('finetuned')}</tr>"
+        )
+    curve_html = (f'<img alt="loss curve" src="data:image/png;base64,{base64.b64encode(curve).decode()}">'
+                  if curve else "<p>no training log found for a loss curve</p>")
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>llava-cluster validation</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; }}
+td.ok {{ background: #e6f4e6; }} td.miss {{ background: #fbeaea; }}
+</style></head><body>
+<h1>Validation report</h1>
+<p>model <code>{html.escape(str(metrics.get('model')))}</code>, base <code>{html.escape(str(metrics.get('base')))}</code>,
+template <code>{html.escape(str(metrics.get('template')))}</code>, {metrics['samples']} held-out samples.</p>
+<table><tr><th>model</th><th>exact match</th><th>token F1</th><th>eval loss</th></tr>
+{_metric_rows(metrics)}
+</table>
+<h2>Training loss</h2>
+{curve_html}
+<h2>Samples{f" (first {MAX_ROWS})" if len(rows) > MAX_ROWS else ""}</h2>
+<table><tr>{head}</tr>
+{chr(10).join(body)}
+</table>
+</body></html>
+"""
+    path = out_dir / "report.html"
+    atomic_write_text(path, page)
+    return path

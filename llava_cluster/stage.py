@@ -1,0 +1,168 @@
+"""`llava-cluster stage train|merge|validate --run-dir DIR`: the one entry every job runs, on every
+backend. It reads the frozen spec from the run directory, records the stage's state there, and
+writes the stage's log to `logs/<stage>.log` (tracebacks of unexpected errors go there too)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import traceback
+from pathlib import Path
+
+from llava_cluster.errors import UserError
+from llava_cluster.rundir import STAGES, RunDir, is_rank0
+
+FAILED_EXIT = 1
+
+
+def freeze_spec(run: RunDir, spec_file: Path) -> None:
+    """Put a spec into the run directory (rank 0), refusing to silently replace a different one."""
+    from llava_cluster.spec import load_spec
+
+    spec = load_spec(spec_file)
+    if run.spec_path.exists():
+        frozen = load_spec(run.spec_path)
+        if frozen.digest() != spec.digest():
+            raise UserError(
+                f"{run.spec_path} already holds a different spec for this run; use a new run name, "
+                "or delete the run directory to start over"
+            )
+        return
+    if is_rank0():
+        from llava_cluster.rundir import atomic_write_text
+
+        atomic_write_text(run.spec_path, spec.to_yaml())
+
+
+def _attach_log(run: RunDir, stage: str) -> logging.Handler | None:
+    if not is_rank0():
+        return None
+    run.logs_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run.log_path(stage))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    return handler
+
+
+def _run_ranks_under_torchrun(run: RunDir, stage: str, launch: object) -> int:
+    """Node shape: start this node's ranks with torchrun; a signal to us becomes the stop file."""
+    from llava_cluster.launch.topology import torchrun_argv
+    from llava_cluster.train.preemption import PREEMPTED_EXIT, STOP_FILE
+
+    def ask_stop(_sig: int, _frame: object) -> None:
+        run.train_dir.mkdir(parents=True, exist_ok=True)
+        (run.train_dir / STOP_FILE).touch()
+
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, ask_stop)
+    proc = subprocess.Popen(torchrun_argv(launch, ["stage", stage, "--run-dir", str(run.root)]))
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except InterruptedError:
+            continue
+    state = run.read_state(stage)
+    if state.status == "preempted":
+        return PREEMPTED_EXIT
+    if code == 0 and state.status == "succeeded":
+        return 0
+    if state.status == "running" and is_rank0() and getattr(launch, "node_rank", 0) == 0:
+        run.mark_done(stage, error=f"ranks exited with code {code} before recording a result")
+    return code or FAILED_EXIT
+
+
+def _execute(stage: str, run: RunDir) -> int:
+    from llava_cluster.spec import load_spec
+
+    spec = load_spec(run.spec_path)
+    if stage == "train":
+        from llava_cluster.train.run import train
+
+        return train(spec, run)
+    if stage == "merge":
+        from llava_cluster.merge import merge_stage
+
+        return merge_stage(spec, run)
+    from llava_cluster.validate import validate_stage
+
+    return validate_stage(spec, run)
+
+
+def run_stage(stage: str, run_dir: Path, spec_file: Path | None = None) -> int:
+    """Run one stage as this process (one rank, or the node parent). Returns the exit code."""
+    import os
+
+    from llava_cluster.launch.topology import node_launch, rank_env
+    from llava_cluster.train.preemption import PREEMPTED_EXIT
+
+    if stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    run = RunDir(run_dir)
+    if spec_file is not None:
+        freeze_spec(run, spec_file)
+    if not run.spec_path.is_file():
+        raise UserError(f"{run.root} has no spec.yaml: submit the run first (llava-cluster submit SPEC)")
+    if stage == "train":
+        ranks = rank_env()
+        if ranks is None:
+            from llava_cluster.spec import load_spec
+
+            launch = node_launch(load_spec(run.spec_path).resources.gpus_per_node)
+            if launch.world_size > 1:
+                return _run_ranks_under_torchrun(run, stage, launch)
+        else:
+            os.environ.update(ranks)
+    elif not is_rank0():
+        return 0  # merge and validate are one process; extra ranks have nothing to do
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # rich progress and the stage log say it once, cleanly
+    handler = _attach_log(run, stage)
+    run.mark_running(stage)
+    try:
+        code = _execute(stage, run)
+    except UserError as err:
+        logging.getLogger("llava_cluster").error(err.message)
+        run.mark_done(stage, error=err.message)
+        raise
+    except Exception as err:  # a bug or an environment failure: keep the traceback, say where it is
+        logging.getLogger("llava_cluster").error("stage %s failed:\n%s", stage, traceback.format_exc())
+        run.mark_done(stage, error=f"{type(err).__name__}: {err} (traceback in {run.log_path(stage)})")
+        traceback.print_exc()
+        return FAILED_EXIT
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    if code == PREEMPTED_EXIT:
+        run.update_state(stage, status="preempted", error="stopped on request; checkpoint saved, resubmit to resume")
+    elif code == 0:
+        run.mark_done(stage)
+    else:
+        run.mark_done(stage, error=f"exited with code {code}")
+    return code
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run one stage of a run directory in this process. Every job on every backend runs this; "
+        "you rarely call it by hand."
+    )
+    parser.epilog = (
+        "examples:\n"
+        "  llava-cluster stage train --run-dir /shared/runs/my-run\n"
+        "  llava-cluster stage merge --run-dir /shared/runs/my-run\n\n"
+        "exit codes: 0 succeeded, 1 failed (see state/<stage>.json and logs/<stage>.log),\n"
+        "            2 bad input, 75 preempted (a checkpoint was saved: run it again to resume)\n"
+    )
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--run-dir", required=True, type=Path, help="the run directory on shared storage")
+    parser.add_argument("--spec", type=Path, default=None,
+                        help="freeze this spec into the run directory first (when it has none yet)")
+    parser.set_defaults(func=lambda args: run_stage(args.stage, args.run_dir, args.spec))
+

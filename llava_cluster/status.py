@@ -1,0 +1,73 @@
+"""`llava-cluster status RUN_DIR`: the stage table read from the run directory, whatever backend
+ran it, with the tail of the log of a stage that failed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import deque
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.table import Table
+
+from llava_cluster.console import console
+from llava_cluster.errors import UserError
+from llava_cluster.rundir import STAGES, RunDir
+
+COLOURS = {"succeeded": "green", "running": "cyan", "pending": "white", "preempted": "yellow",
+           "failed": "red", "cancelled": "magenta"}
+
+
+def tail(path: Path, lines: int = 20) -> list[str]:
+    if not path.is_file():
+        return []
+    with path.open(errors="replace") as fh:
+        return [line.rstrip("\n") for line in deque(fh, maxlen=lines)]
+
+
+def _elapsed(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def show_status(run_dir: Path, as_json: bool = False, tail_lines: int = 20) -> int:
+    run = RunDir(run_dir)
+    if not run.root.is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    if not run.spec_path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no spec.yaml)")
+    states = [run.read_state(s) for s in STAGES]
+    if as_json:
+        console.print_json(json.dumps({"run": str(run.root), "checkpoints": [p.name for p in run.checkpoints()],
+                                       "stages": [{**asdict(s), "elapsed": s.elapsed} for s in states]}))
+        return 0
+    table = Table(title=f"run {run.root.name}  ({run.root})")
+    for col in ("stage", "state", "job ids", "attempts", "elapsed", "note"):
+        table.add_column(col)
+    for s in states:
+        colour = COLOURS.get(s.status, "white")
+        table.add_row(s.stage, f"[{colour}]{s.status}[/]", ",".join(s.job_ids) or "-", str(s.attempts),
+                      _elapsed(s.elapsed), s.error or "")
+    console.print(table)
+    ckpts = run.checkpoints()
+    if ckpts:
+        console.print(f"checkpoints: {', '.join(p.name for p in ckpts)}")
+    for s in states:
+        if s.status == "failed":
+            lines = tail(run.log_path(s.stage), tail_lines)
+            if lines:
+                console.rule(f"[red]last {len(lines)} lines of {run.log_path(s.stage)}")
+                console.print("\n".join(lines), highlight=False, markup=False)
+    return 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "example:\n  llava-cluster status /shared/runs/my-run\n"
+    parser.add_argument("run_dir", type=Path, help="<storage>/runs/<name>")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--lines", type=int, default=20, help="log lines to show for a failed stage")
+    parser.set_defaults(func=lambda a: show_status(a.run_dir, a.json, a.lines))

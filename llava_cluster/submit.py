@@ -1,0 +1,73 @@
+"""`llava-cluster submit SPEC --backend local|slurm|k8s`: validate the spec, freeze it into the run
+directory, and hand the stages that have not yet succeeded to a backend. Re-submitting a run skips
+succeeded stages; `train` resumes from its last complete checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from llava_cluster.console import console
+from llava_cluster.errors import UserError
+from llava_cluster.rundir import STAGES, RunDir, atomic_write_text, is_rank0
+from llava_cluster.spec import RunSpec, check_inputs_exist, load_spec
+
+BACKENDS = {"local": "llava_cluster.launch.local", "slurm": "llava_cluster.launch.slurm",
+            "k8s": "llava_cluster.launch.k8s"}
+
+
+def freeze(spec: RunSpec, run: RunDir) -> None:
+    """Write spec.yaml once; a different spec under the same run name is refused, not overwritten."""
+    if run.spec_path.exists():
+        frozen = load_spec(run.spec_path)
+        if frozen.digest() != spec.digest():
+            old, new = frozen.to_dict(), spec.to_dict()
+            changed = sorted(k for k in new if old.get(k) != new.get(k))
+            raise UserError(
+                f"{run.root} already holds run {spec.name!r} with a different spec (sections differing: "
+                f"{', '.join(changed)}); pick a new name, or delete that run directory to start over"
+            )
+        return
+    if is_rank0():
+        atomic_write_text(run.spec_path, spec.to_yaml())
+
+
+def pending_stages(spec: RunSpec, run: RunDir) -> list[str]:
+    wanted = [s for s in STAGES if s != "validate" or spec.data.eval]
+    return [s for s in wanted if run.read_state(s).status != "succeeded"]
+
+
+def submit(spec_path: Path, overrides: list[str], backend: str, dry_run: bool) -> int:
+    spec = load_spec(spec_path, overrides)
+    run = RunDir(spec.run_dir)
+    if backend == "k8s":
+        stages = [s for s in STAGES if s != "validate" or spec.data.eval]  # the PVC is not visible from here
+    else:
+        check_inputs_exist(spec)
+        if not dry_run:
+            freeze(spec, run)
+        stages = pending_stages(spec, run)
+    if not stages:
+        console.print(f"run {spec.name}: every stage already succeeded — see {run.validate_dir}")
+        return 0
+    console.print(f"run [bold]{spec.name}[/] -> {run.root}\nstages: {' -> '.join(stages)} "
+                  f"({backend}{', dry run' if dry_run else ''})", highlight=False)
+    module = importlib.import_module(BACKENDS[backend])
+    return module.submit(spec, stages, dry_run)
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "examples:\n"
+        "  llava-cluster submit jobs/tiny-local.yaml --backend local\n"
+        "  llava-cluster submit jobs/lora-13b-multinode.yaml --backend slurm --dry-run\n"
+        "  llava-cluster submit jobs/qlora-13b-1node.yaml --backend k8s optim.lr=1e-4 name=qlora-try2\n\n"
+        "Overrides are key=value with dotted keys into the spec (values parsed as YAML).\n"
+        "Re-submitting a run skips succeeded stages and resumes training from its last checkpoint.\n"
+    )
+    parser.add_argument("spec", type=Path, help="run spec YAML (see jobs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="local")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run or be submitted; change nothing")
+    parser.set_defaults(func=lambda a: submit(a.spec, a.overrides, a.backend, a.dry_run))

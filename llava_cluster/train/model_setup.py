@@ -1,0 +1,80 @@
+"""Build the trainable model: base LLaVA (+ 4-bit for QLoRA), LoRA on the language model only,
+the multimodal projector fully trainable, the vision tower frozen."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llava_cluster.spec import RunSpec
+
+PROJECTOR = "multi_modal_projector"
+VISION = "vision_tower"
+
+
+def compute_dtype(spec: RunSpec) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.training.precision]
+
+
+def qlora_device_map(spec: RunSpec, local_rank: int) -> dict[str, Any] | None:
+    """Each rank holds its own 4-bit copy on its GPU; ZeRO-3 rejects a device_map, so none there."""
+    if not torch.cuda.is_available():
+        return None
+    wanted = spec.training.device_map
+    if wanted is None:
+        wanted = not spec.training.deepspeed.startswith("zero3")
+    return {"": local_rank} if wanted else None
+
+
+def build_model(spec: RunSpec, local_rank: int = 0) -> torch.nn.Module:
+    """Load the base from its path and wrap it for training. Call after TrainingArguments exist, so
+    that under ZeRO-3 the weights are partitioned while they load."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from llava_cluster.model.load import load_llava
+
+    dtype = compute_dtype(spec)
+    if spec.method == "qlora":
+        model = load_llava(
+            spec.model.base, dtype=dtype, load_in_4bit=True, compute_dtype=dtype,
+            device_map=qlora_device_map(spec, local_rank),
+        )
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=spec.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    else:
+        model = load_llava(spec.model.base, dtype=dtype)
+    model.config.use_cache = False
+    model.config.text_config.use_cache = False
+
+    lora = LoraConfig(
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=spec.lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    for name, param in model.named_parameters():
+        if PROJECTOR in name:
+            param.requires_grad_(True)
+        elif VISION in name:
+            param.requires_grad_(False)
+    return model
+
+
+def trainable_summary(model: torch.nn.Module) -> dict[str, int]:
+    def numel(p: torch.nn.Parameter) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    counts = {"lora": 0, "projector": 0, "total": 0}
+    for name, param in model.named_parameters():
+        n = numel(param)
+        counts["total"] += n
+        if param.requires_grad:
+            counts["projector" if PROJECTOR in name else "lora"] += n
+    return counts

@@ -1,0 +1,166 @@
+"""The train stage: spec in, `train/checkpoint-*` and `train/final/` out. Runs once per rank."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import warnings
+
+from llava_cluster.console import err_console
+from llava_cluster.rundir import RunDir, is_rank0
+from llava_cluster.spec import RunSpec
+from llava_cluster.train import preemption
+
+FORMAT_VERSION = 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(use_cuda: bool) -> None:
+    """Create the process group before TrainingArguments: on CPU the HF Trainer otherwise sees world 1."""
+    import deepspeed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if use_cuda:
+        import torch
+
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+
+
+def metadata(spec: RunSpec) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "base": spec.model.base,
+        "template": spec.model.template,
+        "method": spec.method,
+        "spec_digest": spec.digest(),
+        "run": spec.name,
+        "lora": spec.lora.model_dump(),
+        "image_aspect_ratio": spec.data.image_aspect_ratio,
+        "max_length": spec.data.max_length,
+        "precision": spec.training.precision,
+    }
+
+
+def _drop_incomplete_checkpoints(run: RunDir) -> None:
+    """A checkpoint cut short (no COMPLETE marker) is never resumed from; clear it so the same step
+    can be saved again cleanly."""
+    complete = set(run.checkpoints())
+    for path in run.train_dir.glob("checkpoint-*"):
+        if path not in complete:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def train(spec: RunSpec, run: RunDir) -> int:
+    """Returns 0 when `train/final` is written, PREEMPTED_EXIT when stopped after a checkpoint."""
+    import torch
+    from transformers import PrinterCallback, TrainingArguments
+
+    from llava_cluster.data.collator import LlavaCollator
+    from llava_cluster.data.dataset import LazySupervisedDataset
+    from llava_cluster.data.templates import get_template
+    from llava_cluster.model.load import load_processor
+    from llava_cluster.train.callbacks import MetricsLog, RichProgress
+    from llava_cluster.train.ds_config import load_deepspeed_config, offloads_optimizer
+    from llava_cluster.train.model_setup import build_model, trainable_summary
+    from llava_cluster.train.trainer import LlavaTrainer
+
+    preemption.install()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    init_distributed(use_cuda)
+    ds_config = load_deepspeed_config(spec)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.logs_dir / "tensorboard")
+    o, t = spec.optim, spec.training
+    eval_on = bool(spec.data.eval and t.eval_steps)
+    args = TrainingArguments(
+        output_dir=str(run.train_dir),
+        per_device_train_batch_size=o.per_device_batch,
+        per_device_eval_batch_size=o.per_device_batch,
+        gradient_accumulation_steps=o.grad_accum,
+        learning_rate=o.lr,
+        weight_decay=o.weight_decay,
+        warmup_steps=o.warmup_ratio,
+        lr_scheduler_type=o.scheduler,
+        num_train_epochs=o.epochs,
+        max_steps=o.max_steps,
+        max_grad_norm=o.max_grad_norm,
+        seed=o.seed,
+        data_seed=o.seed,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if eval_on else "no",
+        eval_steps=t.eval_steps if eval_on else None,
+        logging_steps=t.logging_steps,
+        report_to=["tensorboard"],
+        deepspeed=ds_config,
+        use_cpu=not use_cuda,
+        ddp_backend=None if use_cuda else "gloo",
+        dataloader_num_workers=spec.data.num_workers,
+        dataloader_pin_memory=use_cuda,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    processor = load_processor(spec.model.base)
+    template = get_template(spec.model.template)
+
+    def dataset(path: str) -> LazySupervisedDataset:
+        return LazySupervisedDataset(path, spec.data.image_folder, processor, template, spec.data.max_length,
+                                     image_aspect_ratio=spec.data.image_aspect_ratio)
+
+    train_ds = dataset(spec.data.train)
+    eval_ds = dataset(spec.data.eval) if eval_on else None
+    model = build_model(spec, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    if is_rank0():
+        counts = trainable_summary(model)
+        err_console.print(
+            f"[bold]{spec.method}[/] on {spec.model.base}: {len(train_ds)} samples, world {args.world_size}, "
+            f"trainable LoRA {counts['lora']:,} + projector {counts['projector']:,} of {counts['total']:,}"
+        )
+    stop = preemption.PreemptionCallback(run.train_dir / preemption.STOP_FILE)
+    trainer = LlavaTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
+        callbacks=[stop, RichProgress(), MetricsLog(run.logs_dir / "train_metrics.jsonl")],
+        projector_lr=o.projector_lr,
+        offload_optimizer=offloads_optimizer(ds_config),
+        metadata=metadata(spec),
+    )
+    trainer.remove_callback(PrinterCallback)  # RichProgress shows the same, once
+    if is_rank0():
+        _drop_incomplete_checkpoints(run)
+        (run.train_dir / preemption.STOP_FILE).unlink(missing_ok=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    resume = run.last_checkpoint()
+    if resume and is_rank0():
+        err_console.print(f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.preempted:
+        if is_rank0():
+            err_console.print(f"[yellow]stopped on request after step {trainer.state.global_step}: "
+                              f"checkpoint saved, re-run to resume[/]")
+        return preemption.PREEMPTED_EXIT
+    trainer.save_model(str(run.final_dir))
+    return 0
+

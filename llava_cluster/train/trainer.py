@@ -1,0 +1,85 @@
+"""The HF Trainer, specialised: modality-length sampler, projector learning-rate groups, and saves
+that always hold adapter + projector + metadata and are marked complete only when whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from llava_cluster.rundir import COMPLETE_MARKER, atomic_write_text, is_rank0
+from llava_cluster.train.artifacts import gather_trainable_state, write_artifacts
+from llava_cluster.train.model_setup import PROJECTOR
+
+
+def param_groups(model: torch.nn.Module, decay_names: set[str], weight_decay: float, lr: float,
+                 projector_lr: float) -> list[dict[str, Any]]:
+    """decay / no-decay × projector / other; the projector at its own learning rate."""
+    buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            buckets.setdefault((PROJECTOR in name, name in decay_names), []).append(param)
+    groups = []
+    for (is_projector, decays), params in sorted(buckets.items()):
+        groups.append({
+            "params": params,
+            "lr": projector_lr if is_projector else lr,
+            "weight_decay": weight_decay if decays else 0.0,
+            "name": f"{'projector' if is_projector else 'lora'}_{'decay' if decays else 'no_decay'}",
+        })
+    return groups
+
+
+class LlavaTrainer(Trainer):
+    def __init__(self, *args: Any, projector_lr: float, offload_optimizer: bool, metadata: dict[str, Any],
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.projector_lr = projector_lr
+        self.offload_optimizer = offload_optimizer
+        self.metadata = metadata
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
+        from llava_cluster.data.sampler import ModalityLengthGroupedSampler
+
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return ModalityLengthGroupedSampler(
+            dataset.lengths, dataset.is_image,
+            batch_size=self.args.per_device_train_batch_size,
+            world_size=self.args.world_size,
+            grad_accum=self.args.gradient_accumulation_steps,
+            seed=self.args.seed,
+        )
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        groups = param_groups(opt_model, set(self.get_decay_parameter_names(opt_model)), self.args.weight_decay,
+                              self.args.learning_rate, self.projector_lr)
+        if self.offload_optimizer:
+            # ZeRO-Offload needs DeepSpeed's CPU Adam; built here so our groups and LRs survive.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            self.optimizer = DeepSpeedCPUAdam(groups, lr=self.args.learning_rate,
+                                              betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                              eps=self.args.adam_epsilon, weight_decay=self.args.weight_decay)
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """All ranks gather the trainable tensors; rank 0 writes adapter + projector + metadata."""
+        out = Path(output_dir or self.args.output_dir)
+        state = gather_trainable_state(self.model)
+        write_artifacts(self.model, state, out, {**self.metadata, "step": self.state.global_step})
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if is_rank0():
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            atomic_write_text(folder / COMPLETE_MARKER, f"{self.state.global_step}\n")

@@ -1,0 +1,265 @@
+"""Validate a fine-tune on held-out samples: batched greedy generation, exact match and token F1
+against the references, teacher-forced eval loss, the base model on the same samples for
+comparison, and a report. Works on a merged checkpoint or on base + adapter (`train/final`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import string
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from llava_cluster.console import console, err_console
+from llava_cluster.errors import UserError
+from llava_cluster.rundir import RunDir, atomic_write_json, atomic_write_text
+from llava_cluster.spec import RunSpec
+
+
+def normalize(text: str) -> str:
+    text = text.lower().strip()
+    text = "".join(ch for ch in text if ch not in string.punctuation)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize(prediction) == normalize(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize(prediction).split(), normalize(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def select_indices(dataset: Any, max_samples: int | None) -> list[int]:
+    """Samples whose last turn is an assistant reply: that reply is the reference."""
+    chosen = []
+    for i in range(len(dataset)):
+        turns = dataset.record(i).get("conversations") or []
+        if len(turns) >= 2 and turns[-1].get("from") == "gpt":
+            chosen.append(i)
+            if max_samples and len(chosen) >= max_samples:
+                break
+    if not chosen:
+        raise UserError(f"{dataset.data_path}: no sample ends with an assistant (gpt) turn to validate against")
+    return chosen
+
+
+class Evaluator:
+    """One model (merged, base, or base + adapter) with its processor, over one held-out file."""
+
+    def __init__(self, model: Any, processor: Any, data: Path, image_folder: Path | None, template: str,
+                 aspect: str, max_length: int) -> None:
+        from llava_cluster.data.dataset import LazySupervisedDataset
+        from llava_cluster.data.templates import get_template
+
+        self.model, self.processor = model.eval(), processor
+        self.template = get_template(template)
+        self.dataset = LazySupervisedDataset(data, image_folder, processor, self.template, max_length,
+                                             image_aspect_ratio=aspect)
+
+    def generate(self, indices: list[int], batch_size: int, max_new_tokens: int) -> list[str]:
+        import torch
+
+        from llava_cluster.data.encode import conversation_turns
+
+        tokenizer = self.processor.tokenizer
+        eot = self.template.eot.strip()
+        eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
+        eos = sorted({i for i in (tokenizer.eos_token_id, eot_id) if i is not None and i != tokenizer.unk_token_id})
+        outputs: list[str] = []
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            for start in range(0, len(indices), batch_size):
+                samples = [self.dataset.record(i) for i in indices[start:start + batch_size]]
+                prompts = [self.template.prompt(conversation_turns(s)[:-1]) for s in samples]
+                images = [self.dataset.load_image(s) for s in samples if s.get("image")]
+                batch = self.processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
+                batch = {k: v.to(self.model.device) for k, v in batch.items()}
+                with torch.no_grad():
+                    out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                              pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+                for row in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True):
+                    outputs.append((row.split(eot)[0] if eot else row).strip())
+        finally:
+            tokenizer.padding_side = side
+        return outputs
+
+    def eval_loss(self, indices: list[int], batch_size: int) -> float:
+        """Mean per-token loss on the supervised (assistant) tokens, teacher-forced."""
+        import torch
+
+        from llava_cluster.data.collator import LlavaCollator
+
+        collate = LlavaCollator(self.processor.tokenizer.pad_token_id)
+        total, count = 0.0, 0
+        for start in range(0, len(indices), batch_size):
+            batch = collate([self.dataset[i] for i in indices[start:start + batch_size]])
+            labels = batch.pop("labels")
+            batch = {k: v.to(self.model.device) for k, v in batch.items()}
+            with torch.no_grad():
+                logits = self.model(**batch).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(logits.device)
+            mask = shift_labels != -100
+            if mask.any():
+                total += float(torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask],
+                                                                 reduction="sum"))
+                count += int(mask.sum())
+        return total / max(count, 1)
+
+
+def _scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    n = max(len(references), 1)
+    return {
+        "exact_match": sum(map(exact_match, predictions, references)) / n,
+        "token_f1": sum(map(token_f1, predictions, references)) / n,
+    }
+
+
+def _resolve(model_dir: Path, base: Path | None) -> tuple[str, str | None, dict[str, Any]]:
+    """('adapter'|'merged', base path or None, metadata)."""
+    from llava_cluster.merge import read_merge_info
+    from llava_cluster.train.artifacts import ADAPTER_CONFIG, read_metadata
+
+    if not model_dir.exists():
+        raise UserError(f"model folder not found: {model_dir}")
+    if (model_dir / ADAPTER_CONFIG).is_file():
+        meta = read_metadata(model_dir)
+        base_path = str(base) if base else meta.get("base")
+        if not base_path:
+            raise UserError(f"{model_dir} is an adapter without a recorded base: pass --base DIR")
+        return "adapter", base_path, meta
+    info = read_merge_info(model_dir)
+    return "merged", str(base) if base else info.get("base"), info
+
+
+def _load(kind: str, model_dir: Path, base: str | None) -> tuple[Any, Any]:
+    from llava_cluster.model.load import load_llava, load_processor
+
+    if kind == "adapter":
+        from peft import PeftModel
+
+        from llava_cluster.train.artifacts import apply_projector
+
+        model = load_llava(base)
+        apply_projector(model, model_dir)
+        return PeftModel.from_pretrained(model, str(model_dir)), load_processor(base)
+    return load_llava(model_dir), load_processor(model_dir)
+
+
+def validate(model_dir: Path, data: Path, image_folder: Path | None, out_dir: Path, base: Path | None = None,
+             template: str | None = None, max_samples: int | None = 200, batch_size: int = 8,
+             max_new_tokens: int = 64, compare_base: bool = True, max_length: int = 2048,
+             aspect: str | None = None, metrics_log: Path | None = None) -> dict[str, Any]:
+    from llava_cluster.report import write_report
+
+    kind, base_path, meta = _resolve(Path(model_dir), base)
+    template = template or meta.get("template") or "vicuna_v1"
+    aspect = aspect or meta.get("image_aspect_ratio") or "pad"
+    if not Path(data).is_file():
+        raise UserError(f"validation data not found: {data}")
+    results: dict[str, dict[str, Any]] = {}
+    answers: dict[str, list[str]] = {}
+    contenders = [("finetuned", kind, Path(model_dir))]
+    if compare_base and base_path:
+        contenders.append(("base", "merged", Path(base_path)))
+    samples: list[dict[str, Any]] = []
+    for label, how, path in contenders:
+        model, processor = _load(how, path, base_path)
+        ev = Evaluator(model, processor, Path(data), image_folder, template, aspect, max_length)
+        indices = select_indices(ev.dataset, max_samples)
+        samples = [ev.dataset.record(i) for i in indices]
+        err_console.print(f"validating {label}: {path} on {len(indices)} samples")
+        answers[label] = ev.generate(indices, batch_size, max_new_tokens)
+        references = [s["conversations"][-1]["value"] for s in samples]
+        results[label] = {**_scores(answers[label], references), "eval_loss": ev.eval_loss(indices, batch_size)}
+        del model, ev
+
+    metrics = {"samples": len(samples), "template": template, "model": str(model_dir), "base": base_path,
+               **results}
+    out_dir = Path(out_dir)
+    rows = []
+    for i, sample in enumerate(samples):
+        rows.append({
+            "id": sample.get("id"), "image": sample.get("image"),
+            "prompt": sample["conversations"][-2]["value"], "reference": references[i],
+            **{f"{label}_prediction": answers[label][i] for label in answers},
+            **{f"{label}_exact_match": exact_match(answers[label][i], references[i]) for label in answers},
+        })
+    atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    write_report(out_dir, metrics, rows, image_folder, metrics_log)
+    return metrics
+
+
+def print_metrics(metrics: dict[str, Any], out_dir: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"validation on {metrics['samples']} held-out samples")
+    table.add_column("model")
+    for col in ("exact match", "token F1", "eval loss"):
+        table.add_column(col, justify="right")
+    for label in ("base", "finetuned"):
+        if label in metrics:
+            m = metrics[label]
+            table.add_row(label, f"{m['exact_match']:.1%}", f"{m['token_f1']:.3f}", f"{m['eval_loss']:.3f}")
+    console.print(table)
+    console.print(f"report: {out_dir / 'report.html'}")
+
+
+def validate_stage(spec: RunSpec, run: RunDir) -> int:
+    if not spec.data.eval:
+        raise UserError("data.eval is not set in the spec: validation needs held-out samples")
+    model_dir = run.merged_dir if run.merged_dir.is_dir() else run.final_dir
+    v = spec.validation
+    metrics = validate(model_dir, Path(spec.data.eval), Path(spec.data.image_folder) if spec.data.image_folder else None,
+                       run.validate_dir, base=Path(spec.model.base), template=spec.model.template,
+                       max_samples=v.max_samples, batch_size=v.batch_size, max_new_tokens=v.max_new_tokens,
+                       compare_base=v.compare_base, max_length=spec.data.max_length,
+                       aspect=spec.data.image_aspect_ratio, metrics_log=run.logs_dir / "train_metrics.jsonl")
+    print_metrics(metrics, run.validate_dir)
+    return 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "examples:\n"
+        "  llava-cluster validate --model runs/my-run/merged --data val.json --image-folder images/\n"
+        "  llava-cluster validate --model runs/my-run/train/final --data val.json --image-folder images/ --out report/\n"
+        "  llava-cluster validate --model final/ --base llava-1.5-7b-hf/ --data val.json --max-samples 50\n"
+    )
+    parser.add_argument("--model", required=True, type=Path, help="merged checkpoint, or an adapter folder")
+    parser.add_argument("--data", required=True, type=Path, help="held-out LLaVA JSON/JSONL")
+    parser.add_argument("--image-folder", type=Path, default=None)
+    parser.add_argument("--base", type=Path, default=None,
+                        help="base model (for an adapter; also the comparison model). Default: recorded one")
+    parser.add_argument("--out", type=Path, default=Path("validate"), help="output folder (default ./validate)")
+    parser.add_argument("--template", default=None, help="conversation template (default: the one trained with)")
+    parser.add_argument("--max-samples", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--no-base", action="store_true", help="skip the base-model comparison")
+    parser.add_argument("--json", action="store_true", help="print metrics as JSON")
+
+    def handler(args: argparse.Namespace) -> int:
+        metrics = validate(args.model, args.data, args.image_folder, args.out, base=args.base,
+                           template=args.template, max_samples=args.max_samples, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, compare_base=not args.no_base,
+                           max_length=args.max_length)
+        if args.json:
+            console.print_json(data=metrics)
+        else:
+            print_metrics(metrics, args.out)
+        return 0
+
+    parser.set_defaults(func=handler)
