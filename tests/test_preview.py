@@ -1,0 +1,76 @@
+"""`llava-cluster data preview`: JSON equals what training encodes; rich view highlights the replies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llava_cluster.cli import main
+from llava_cluster.data.encode import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    from llava_cluster.model.load import load_processor
+
+    return load_processor(tiny_dir.model).tokenizer
+
+
+def _multi_turn_index(tiny_dir) -> int:
+    records = json.loads(tiny_dir.train.read_text())
+    return next(k for k, r in enumerate(records) if r.get("image") and len(r["conversations"]) == 4)
+
+
+def test_json_is_exactly_what_training_encodes(tiny_dir, tokenizer, capsys):
+    from llava_cluster.data.dataset import LazySupervisedDataset
+    from llava_cluster.data.templates import TEMPLATES
+    from llava_cluster.model.load import load_processor
+
+    index = _multi_turn_index(tiny_dir)
+    rc = main(["data", "preview", str(tiny_dir.train), "--model", str(tiny_dir.model), "--index", str(index),
+               "--template", "chatml", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    record = json.loads(tiny_dir.train.read_text())[index]
+    assert out["id"] == record["id"]
+    assert out["text"].startswith("<|im_start|>system\n") and "<image>\n" in out["text"]
+    ds = LazySupervisedDataset(tiny_dir.train, tiny_dir.images, load_processor(tiny_dir.model),
+                               TEMPLATES["chatml"], 2048)
+    item = ds[index]
+    assert out["input_ids"] == item["input_ids"].tolist() and out["labels"] == item["labels"].tolist()
+    supervised = [t for t, label in zip(out["input_ids"], out["labels"], strict=True) if label != IGNORE_INDEX]
+    replies = [t["value"] for t in record["conversations"][1::2]]
+    assert tokenizer.decode(supervised) == "<|im_end|>".join(replies) + "<|im_end|>"
+
+
+def test_rich_view_shows_image_run_replies_and_truncation(tiny_dir, capsys):
+    index = _multi_turn_index(tiny_dir)
+    record = json.loads(tiny_dir.train.read_text())[index]
+    rc = main(["data", "preview", str(tiny_dir.train), "--model", str(tiny_dir.model), "--index", str(index)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "<image>×16" in out and f"sample {record['id']}" in out
+    assert all(t["value"] in out for t in record["conversations"][1::2])  # the replies
+    assert "truncated" not in out
+
+    rc = main(["data", "preview", str(tiny_dir.train), "--model", str(tiny_dir.model), "--index", str(index),
+               "--max-length", "20"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "truncated at --max-length 20" in out and "trains nothing" in out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--index", "100000"], "--index 100000 is out of range"),
+    (["--index", "-1"], "--index must be >= 0"),
+])
+def test_bad_index_is_a_clear_error(tiny_dir, capsys, extra, message):
+    rc = main(["data", "preview", str(tiny_dir.train), "--model", str(tiny_dir.model), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_missing_model_dir_is_a_clear_error(tiny_dir, tmp_path, capsys):
+    rc = main(["data", "preview", str(tiny_dir.train), "--model", str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not exist" in err
