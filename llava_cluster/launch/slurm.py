@@ -262,12 +262,12 @@ def _print_submitted(spec: RunSpec, submitted: list[tuple[str, str, str | None]]
 
     res = spec.resources
     table = Table(title=f"submitted {spec.name} to SLURM", title_justify="left")
-    for column in ("stage", "job", "after", "ranks", "console output"):
+    for column in ("stage", "job", "after", "ranks"):
         table.add_column(column)
     for stage, job_id, after in submitted:
         ranks = f"{res.nodes}x{res.gpus_per_node}" if stage == "train" else "1"
-        table.add_row(stage, job_id, f"afterok:{after}" if after else "-", ranks,
-                      str(logs_folder(spec) / f"{job_id}_0_log.out"))
+        table.add_row(stage, job_id, f"afterok:{after}" if after else "-", ranks)
     console.print(table)
+    console.print(f"console output of each task: {logs_folder(spec)}/<job>_<task>_log.out", highlight=False)
     err_console.print(f"follow it: llava-cluster status {spec.run_dir}   |   "
                       f"llava-cluster logs {spec.run_dir} train --follow")

@@ -1,0 +1,302 @@
+"""SLURM backend without a cluster: the batch scripts it would submit, the supervisor's decisions after
+a stage exits, the standalone scripts' syntax, and the logs command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llava_cluster.cli import main
+from llava_cluster.errors import UserError
+from llava_cluster.launch import slurm
+from llava_cluster.launch.slurm_job import PREEMPTED_EXIT, StageFailed, StageJob, requeue_marker
+from llava_cluster.rundir import RunDir
+from llava_cluster.spec import spec_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((REPO / "slurm").glob("*.sh")) + sorted((REPO / "slurm").glob("*.sbatch"))
+
+
+def make_spec(tmp_path: Path, **sections) -> object:
+    data = {
+        "name": "render", "storage": str(tmp_path / "store"),
+        "model": {"base": "/models/llava-13b"},
+        "data": {"train": "/data/llava/train.json", "image_folder": "/data/llava/images"},
+        "resources": {"nodes": 2, "gpus_per_node": 4, "cpus_per_task": 6, "mem": "400G", "time": "1-02:00:30"},
+        "slurm": {"partition": "gpu", "account": "proj", "qos": "high", "signal_seconds": 300,
+                  "extra_sbatch": ["--constraint=h100", "--exclusive"], "max_requeues": 5},
+        "env": {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": "WARN"},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return spec_from_dict(data)
+
+
+def sbatch_options(script: str) -> dict[str, str]:
+    options = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line.removeprefix("#SBATCH --").partition("=")
+            options[key] = value.strip("'")
+    return options
+
+
+def srun_line(script: str) -> str:
+    return next(line for line in script.splitlines() if line.startswith("srun "))
+
+
+def test_train_job_has_one_task_per_gpu_on_every_node_and_the_spec_resources(tmp_path):
+    spec = make_spec(tmp_path)
+    opts = sbatch_options(slurm.render(spec, "train", None))
+    assert opts["nodes"] == "2" and opts["ntasks-per-node"] == "4" and opts["gpus-per-node"] == "4"
+    assert opts["cpus-per-task"] == "6" and opts["mem"] == "400G"
+    assert opts["time"] == str(26 * 60 + 1)  # 1-02:00:30 rounded up to whole minutes
+    assert opts["partition"] == "gpu" and opts["account"] == "proj" and opts["qos"] == "high"
+    assert opts["constraint"] == "h100" and "exclusive" in opts
+    assert opts["signal"] == "USR2@300"  # no B: prefix, so every rank gets it
+    assert "requeue" in opts and opts["kill-on-invalid-dep"] == "yes"
+    assert "dependency" not in opts
+    assert opts["output"] == f"{spec.run_dir}/logs/slurm/%j_0_log.out"
+
+
+def test_merge_and_validate_are_one_process_chained_afterok(tmp_path):
+    spec = make_spec(tmp_path)
+    for stage in ("merge", "validate"):
+        opts = sbatch_options(slurm.render(spec, stage, "afterok:41"))
+        assert (opts["nodes"], opts["ntasks-per-node"], opts["gpus-per-node"]) == ("1", "1", "1")
+        assert opts["dependency"] == "afterok:41" and opts["kill-on-invalid-dep"] == "yes"
+        assert opts["job-name"] == f"render-{stage}"
+
+
+def test_environment_rendezvous_and_requeue_lines(tmp_path):
+    spec = make_spec(tmp_path)
+    script = slurm.render(spec, "train", None)
+    assert "export NCCL_SOCKET_IFNAME=ib0" in script and "export NCCL_DEBUG=WARN" in script
+    assert 'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in script
+    teardown = script[script.index("# teardown"):]
+    marker = f"{spec.run_dir}/logs/slurm/requeue-$SLURM_JOB_ID"
+    assert f"if [ -e {marker} ]" in teardown and 'scontrol requeue "$SLURM_JOB_ID"' in teardown
+    assert script.index("# teardown") > script.index(srun_line(script))
+
+
+def test_no_container_runs_this_python(tmp_path):
+    line = srun_line(slurm.render(make_spec(tmp_path), "train", None))
+    assert f"{sys.executable} -u -m submitit.core._submit" in line
+    assert "--container" not in line and "apptainer" not in line
+
+
+def test_pyxis_mounts_storage_and_inputs_at_the_same_path(tmp_path):
+    spec = make_spec(tmp_path, slurm={"container": {"runtime": "pyxis", "image": "ghcr.io#org/llava:1",
+                                                   "mounts": ["/scratch:/scratch"]}})
+    line = srun_line(slurm.render(spec, "train", None))
+    store = spec.storage
+    assert "--container-image=ghcr.io#org/llava:1" in line
+    assert (f"--container-mounts={store}:{store},/data/llava:/data/llava,/models/llava-13b:/models/llava-13b,"
+            "/scratch:/scratch") in line  # images/ is inside /data/llava: mounted once
+    assert line.endswith(f"python3 -u -m submitit.core._submit {spec.run_dir}/logs/slurm")
+
+
+def test_apptainer_wraps_the_worker_with_binds(tmp_path):
+    spec = make_spec(tmp_path, slurm={"container": {"runtime": "apptainer", "image": "/images/llava.sif"}})
+    line = srun_line(slurm.render(spec, "merge", None))
+    assert (f"apptainer exec --nv --bind {spec.storage},/data/llava,/models/llava-13b /images/llava.sif "
+            "python3 -u -m submitit.core._submit") in line
+    assert "--container-image" not in line
+
+
+def test_inputs_under_storage_need_no_extra_mount(tmp_path):
+    store = tmp_path / "store"
+    spec = make_spec(tmp_path, model={"base": str(store / "models/m")},
+                     data={"train": str(store / "data/t.json"), "image_folder": str(store / "data/img")})
+    assert slurm.container_mounts(spec) == [str(store)]
+
+
+def test_dry_run_prints_three_chained_scripts_and_submits_nothing(tmp_path, capsys):
+    spec = make_spec(tmp_path)
+    assert slurm.submit(spec, ["train", "merge", "validate"], dry_run=True) == 0
+    out = capsys.readouterr().out
+    assert out.count("#!/bin/bash") == 3
+    assert "--dependency='afterok:<train job id>'" in out and "--dependency='afterok:<merge job id>'" in out
+    assert f"llava-cluster stage validate --run-dir {spec.run_dir}" in out
+    assert not spec.run_dir.exists()
+
+
+def test_resubmission_of_later_stages_has_no_dependency_on_train(tmp_path, capsys):
+    spec = make_spec(tmp_path)
+    slurm.submit(spec, ["validate", "merge"], dry_run=True)
+    out = capsys.readouterr().out
+    assert out.index("merge job") < out.index("validate job")
+    assert "afterok:<train" not in out and "afterok:<merge job id>" in out
+
+
+@pytest.mark.parametrize("text,minutes", [("90", 90), ("5:30", 6), ("04:00:00", 240), ("2-00", 2880),
+                                          ("1-01:30", 1530), ("0:0:59", 1)])
+def test_slurm_time_formats(text, minutes):
+    assert slurm.slurm_minutes(text) == minutes
+
+
+def test_bad_time_and_extra_option_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="resources.time: '2 hours'"):
+        slurm.slurm_minutes("2 hours")
+    with pytest.raises(UserError, match="slurm.extra_sbatch: '-C h100'"):
+        slurm.render(make_spec(tmp_path, slurm={"extra_sbatch": ["-C h100"]}), "train", None)
+
+
+def test_qlora_on_two_nodes_is_refused_by_submit(tmp_path, capsys):
+    spec_file = tmp_path / "q.yaml"
+    spec_file.write_text(json.dumps({
+        "name": "q", "storage": str(tmp_path), "method": "qlora", "model": {"base": str(tmp_path)},
+        "data": {"train": str(spec_file)}, "training": {"deepspeed": "zero2"}, "resources": {"nodes": 2}}))
+    assert main(["submit", str(spec_file), "--backend", "slurm", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "QLoRA runs on one node" in err and "resources.nodes=2" in err and "Traceback" not in err
+
+
+# ---- the supervisor that runs in every task -------------------------------------------------------
+
+
+@pytest.fixture
+def job(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    run = RunDir(tmp_path / "run")
+    for stage in ("train", "merge", "validate"):
+        run.update_state(stage, status="pending", job_ids=["77"])
+    folder = tmp_path / "run/logs/slurm"
+    folder.mkdir(parents=True)
+    return StageJob("train", str(run.root), ("true",), max_requeues=2, downstream=("merge", "validate"),
+                    marker_folder=str(folder))
+
+
+def test_success_needs_nothing(job):
+    assert job.outcome(0, signalled=False) == 0
+    assert not requeue_marker(job.marker_folder, "77").exists()
+
+
+def test_preempted_below_the_limit_asks_for_a_requeue(job, monkeypatch):
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert job.outcome(PREEMPTED_EXIT, signalled=True) == PREEMPTED_EXIT
+    assert requeue_marker(job.marker_folder, "77").exists()
+    state = RunDir(job.run_dir).read_state("train")
+    assert state.status == "preempted" and "requeued (2 of at most 2)" in state.error
+
+
+def test_killed_by_the_stop_signal_before_saving_also_requeues(job):
+    assert job.outcome(-signal.SIGTERM, signalled=True) == PREEMPTED_EXIT
+    assert requeue_marker(job.marker_folder, "77").exists()
+
+
+def test_requeue_limit_fails_the_stage_and_cancels_the_rest(job, monkeypatch):
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    ckpt = Path(job.run_dir) / "train/checkpoint-40"
+    ckpt.mkdir(parents=True)
+    (ckpt / "COMPLETE").touch()
+    with pytest.raises(StageFailed, match="requeue limit reached"):
+        job.outcome(PREEMPTED_EXIT, signalled=True)
+    run = RunDir(job.run_dir)
+    train = run.read_state("train")
+    assert train.status == "failed"
+    assert "interrupted 3 times and slurm.max_requeues is 2" in train.error and "checkpoint-40" in train.error
+    assert not requeue_marker(job.marker_folder, "77").exists()
+    for later in ("merge", "validate"):
+        state = run.read_state(later)
+        assert state.status == "cancelled" and "train failed (job 77)" in state.error
+
+
+def test_a_crash_without_a_recorded_result_is_recorded(job):
+    RunDir(job.run_dir).update_state("train", status="running")
+    with pytest.raises(StageFailed):
+        job.outcome(-signal.SIGKILL, signalled=False)
+    state = RunDir(job.run_dir).read_state("train")
+    assert state.status == "failed" and "signal SIGKILL before recording a result" in state.error
+
+
+def test_a_recorded_failure_is_kept(job):
+    RunDir(job.run_dir).update_state("train", status="failed", error="data.train: bad JSON at line 3")
+    with pytest.raises(StageFailed, match="bad JSON"):
+        job.outcome(1, signalled=False)
+    assert RunDir(job.run_dir).read_state("train").error == "data.train: bad JSON at line 3"
+    assert RunDir(job.run_dir).read_state("merge").status == "cancelled"
+
+
+def test_other_ranks_fail_the_job_but_write_no_state(job, monkeypatch):
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    with pytest.raises(StageFailed, match="exit code 1 on rank 1"):
+        job.outcome(1, signalled=False)
+    assert job.outcome(PREEMPTED_EXIT, signalled=True) == PREEMPTED_EXIT
+    run = RunDir(job.run_dir)
+    assert [run.read_state(s).status for s in ("train", "merge", "validate")] == ["pending"] * 3
+    assert not requeue_marker(job.marker_folder, "77").exists()
+
+
+@pytest.fixture
+def keep_signal_handlers():
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_supervisor_survives_the_signal_and_reads_the_child_exit(job, keep_signal_handlers):
+    """The child signals the supervisor (as SLURM would), then dies of SIGUSR2 before saving."""
+    child = ("import os, signal; os.kill(os.getppid(), signal.SIGUSR2); "
+             "os.kill(os.getpid(), signal.SIGUSR2)")
+    supervised = StageJob(job.stage, job.run_dir, (sys.executable, "-c", child), job.max_requeues,
+                          job.downstream, job.marker_folder)
+    assert supervised() == PREEMPTED_EXIT
+    assert requeue_marker(job.marker_folder, "77").exists()
+
+
+# ---- standalone scripts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_standalone_script_is_valid_bash(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_sbatch_scripts_put_every_directive_before_the_first_command():
+    for script in (REPO / "slurm").glob("*.sbatch"):
+        lines = script.read_text().splitlines()
+        first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+        directives = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
+        assert directives and max(directives) < first_command, script.name
+
+
+def test_pipeline_refuses_a_run_dir_without_spec(tmp_path):
+    env = {**os.environ, "RUN_DIR": str(tmp_path)}
+    result = subprocess.run(["bash", str(REPO / "slurm/pipeline.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and f"{tmp_path}/spec.yaml not found" in result.stderr
+
+
+# ---- logs ------------------------------------------------------------------------------------------
+
+
+def test_logs_prints_the_tail_and_the_job_console(tmp_path, capsysbinary):
+    run = RunDir(tmp_path / "run")
+    run.logs_dir.mkdir(parents=True)
+    run.log_path("train").write_text("".join(f"line {i}\n" for i in range(10)))
+    run.update_state("train", status="running", job_ids=["5", "9"])
+    (run.logs_dir / "slurm").mkdir()
+    (run.logs_dir / "slurm/9_1_log.out").write_text("rank 1 says hi\n")
+    assert main(["logs", str(run.root), "train", "--tail", "2"]) == 0
+    assert capsysbinary.readouterr().out == b"line 8\nline 9\n"
+    assert main(["logs", str(run.root), "train", "--job", "--task", "1"]) == 0
+    assert capsysbinary.readouterr().out == b"rank 1 says hi\n"
+
+
+def test_logs_of_a_stage_without_log_says_so(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    run.update_state("merge", status="pending", job_ids=["12"])
+    assert main(["logs", str(run.root), "merge"]) == 1
+    assert "no log yet for merge" in capsys.readouterr().err
+    assert main(["logs", str(tmp_path / "nope"), "merge"]) == 2
