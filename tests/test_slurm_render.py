@@ -82,7 +82,9 @@ def test_environment_rendezvous_and_requeue_lines(tmp_path):
     teardown = script[script.index("# teardown"):]
     marker = f"{spec.run_dir}/logs/slurm/requeue-$SLURM_JOB_ID"
     assert f"if [ -e {marker} ]" in teardown and 'scontrol requeue "$SLURM_JOB_ID"' in teardown
-    assert script.index("# teardown") > script.index(srun_line(script))
+    between = script[script.index(srun_line(script)) + len(srun_line(script)):script.index("srun_status=$?")]
+    assert not [line for line in between.splitlines() if line and not line.startswith("#")]  # $? is srun's
+    assert teardown.rstrip().endswith('exit "$srun_status"')  # a failed stage must fail the job
 
 
 def test_no_container_runs_this_python(tmp_path):

@@ -108,9 +108,12 @@ def setup_lines(spec: RunSpec) -> list[str]:
 
 
 def teardown_lines(spec: RunSpec) -> list[str]:
-    """Runs in the batch shell after srun, outside any container: performs the requested requeue."""
+    """Runs in the batch shell after srun, outside any container: performs the requested requeue,
+    then exits with srun's status (else the job would end COMPLETED and release its dependents)."""
     marker = f"{shlex.quote(str(logs_folder(spec)))}/requeue-$SLURM_JOB_ID"
-    return [f'if [ -e {marker} ]; then rm -f {marker}; scontrol requeue "$SLURM_JOB_ID"; fi']
+    return ["srun_status=$?",
+            f'if [ -e {marker} ]; then rm -f {marker}; scontrol requeue "$SLURM_JOB_ID"; fi',
+            'exit "$srun_status"']
 
 
 def job_parameters(spec: RunSpec, stage: str, dependency: str | None) -> dict[str, Any]:
@@ -268,6 +271,7 @@ def _print_submitted(spec: RunSpec, submitted: list[tuple[str, str, str | None]]
         ranks = f"{res.nodes}x{res.gpus_per_node}" if stage == "train" else "1"
         table.add_row(stage, job_id, f"afterok:{after}" if after else "-", ranks)
     console.print(table)
-    console.print(f"console output of each task: {logs_folder(spec)}/<job>_<task>_log.out", highlight=False)
+    console.print(f"console output of each task: {logs_folder(spec)}/<job>_<task>_log.out",
+                  highlight=False, soft_wrap=True)
     err_console.print(f"follow it: llava-cluster status {spec.run_dir}   |   "
-                      f"llava-cluster logs {spec.run_dir} train --follow")
+                      f"llava-cluster logs {spec.run_dir} {submitted[0][0]} --follow", highlight=False, soft_wrap=True)
