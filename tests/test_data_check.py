@@ -332,3 +332,18 @@ def test_subprocess_bad_data_and_unusable_input_never_show_a_traceback(tmp_path,
     result = _cli("data", "check", str(junk))
     assert result.returncode == 2
     assert "Traceback" not in result.stdout + result.stderr and "not JSON" in result.stderr
+
+
+def test_data_help_imports_no_torch_and_preview_is_wired(tiny_dir, capsys):
+    probe = ("import sys\nfrom llava_cluster.cli import main\n"
+             "for argv in (['data', '--help'], ['data', 'check', '--help'], ['data', 'preview', '--help']):\n"
+             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+             "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False False"
+    assert "usage: llava-cluster data preview" in result.stdout
+
+    assert main(["data", "preview", str(tiny_dir.train), "--model", str(tiny_dir.model), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert len(shown["input_ids"]) == len(shown["labels"]) > 0

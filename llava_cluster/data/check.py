@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_cluster.data.reader import SampleReader
-from llava_cluster.data.schema import DEFECT_KINDS, Defect, check_sample, sample_id
+from llava_cluster.data.schema import DEFECT_KINDS, Defect, blocks_encoding, check_sample, sample_id
 from llava_cluster.errors import UserError
 
 DEFAULT_MAX_LENGTH = 2048
@@ -190,7 +190,7 @@ def check_file(
                     problem = images.check(image)
                     if problem is not None:
                         found.append(Defect(record.index, sid, "image", *problem))
-                if tokens is not None and not _structural(found):
+                if tokens is not None and not any(blocks_encoding(d) for d in found):
                     long = tokens.check(record.index, sample)
                     if long is not None:
                         found.append(long)
@@ -209,15 +209,6 @@ def _count(report: CheckReport, sample: dict[str, Any]) -> None:
         report.text_only += 1
     if isinstance(sample.get("conversations"), list):
         report.turns += len(sample["conversations"])
-
-
-_NOT_STRUCTURAL = {"duplicate_id", "missing_id", "image_missing", "image_empty", "image_unreadable",
-                   "image_corrupt", "image_path_unsafe"}
-
-
-def _structural(found: list[Defect]) -> bool:
-    """Whether a sample is too malformed to tokenize (image-file and id problems do not matter here)."""
-    return any(d.kind not in _NOT_STRUCTURAL for d in found)
 
 
 class _Progress:

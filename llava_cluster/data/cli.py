@@ -59,7 +59,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                                "placement, image files (missing, empty, corrupt, outside the folder) and, with "
                                "--model, samples that --max-length would truncate. Streams: memory stays flat."))
     _data_args(check)
-    check.add_argument("--max-length", type=int, default=None,
+    check.add_argument("--max-length", type=int, default=None, metavar="N",
                        help="token limit of training (default 2048); needs --model")
     check.add_argument("--show", type=int, default=20, metavar="N",
                        help="print at most N defects of each kind (default 20; --json lists all)")

@@ -9,6 +9,7 @@ live in `check.py` and produce the same records.
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -55,6 +56,16 @@ class Defect:
         return asdict(self)
 
 
+# Defects that say nothing about the text: such a sample still tokenizes, so its length is measured.
+_TEXT_NEUTRAL = {"duplicate_id", "image_path_unsafe", "image_missing", "image_empty", "image_unreadable",
+                 "image_corrupt"}
+
+
+def blocks_encoding(defect: Defect) -> bool:
+    """Whether this defect makes the sample's conversation unfit to tokenize (id problems never do)."""
+    return defect.field != "id" and defect.kind not in _TEXT_NEUTRAL
+
+
 def sample_id(sample: Any) -> str | None:
     """The id as text for reports, whatever its type; None when absent."""
     if isinstance(sample, dict) and sample.get("id") is not None:
@@ -64,6 +75,8 @@ def sample_id(sample: Any) -> str | None:
 
 def image_path_problem(path: str) -> str | None:
     """Why a relative image path is unsafe (absolute, or climbing out with ..), else None."""
+    if ".." not in path and path[:1] not in ("/", "\\") and path[1:2] != ":":
+        return None
     if path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":"):
         return f"absolute path {path!r}: image paths must be relative to --image-folder"
     norm = posixpath.normpath(path.replace("\\", "/"))
@@ -111,29 +124,16 @@ def check_sample(index: int, sample: Any) -> list[Defect]:
     image_tokens: list[str] = []
     previous_role: str | None = None
     for t, turn in enumerate(conversations):
-        where = f"conversations[{t}]"
-        if not isinstance(turn, dict):
-            add(where, "wrong_type", f"a turn must be an object, got {type(turn).__name__}")
-            previous_role = None
-            continue
-        role, value = turn.get("from"), turn.get("value")
-        if not isinstance(role, str):
-            add(f"{where}.from", "wrong_type" if role is not None else "unknown_role",
-                f"`from` must be a string, got {type(role).__name__}" if role is not None else "turn has no `from`")
-        elif role not in ROLES:
-            add(f"{where}.from", "unknown_role", f"unknown role {role!r} (expected 'human' or 'gpt')")
-        elif t == 0 and role != "human":
-            add(f"{where}.from", "first_not_human", f"first turn is from {role!r}; it must be from 'human'")
-        elif role == previous_role:
-            add(f"{where}.from", "not_alternating", f"two {role!r} turns in a row (turns {t - 1} and {t})")
-        if not isinstance(value, str):
-            add(f"{where}.value", "wrong_type" if value is not None else "empty_value",
-                f"`value` must be a string, got {type(value).__name__}" if value is not None else "turn has no `value`")
-        elif not value.strip():
-            add(f"{where}.value", "empty_value", "empty text")
-        elif IMAGE_TOKEN in value:
-            image_tokens.extend(f"{where}.value" for _ in range(value.count(IMAGE_TOKEN)))
-        previous_role = role if isinstance(role, str) else None
+        # Fast path for a well-formed turn: no strings are built unless something is wrong.
+        if type(turn) is dict:
+            role, value = turn.get("from"), turn.get("value")
+            if ((role == "human" or role == "gpt") and role != previous_role and (t or role == "human")
+                    and type(value) is str and value and not value.isspace()):
+                if IMAGE_TOKEN in value:
+                    image_tokens.extend([f"conversations[{t}].value"] * value.count(IMAGE_TOKEN))
+                previous_role = role
+                continue
+        previous_role = _turn_defects(t, turn, previous_role, image_tokens, add)
     last = conversations[-1]
     if isinstance(last, dict) and last.get("from") == "human":
         add(f"conversations[{len(conversations) - 1}]", "unanswered_turn",
@@ -150,3 +150,30 @@ def check_sample(index: int, sample: Any) -> list[Defect]:
         add(image_tokens[0], "image_token_misplaced",
             f"{IMAGE_TOKEN} must be in the first human turn (conversations[0]), where training puts the image")
     return found
+
+
+def _turn_defects(t: int, turn: Any, previous_role: str | None, image_tokens: list[str],
+                  add: Callable[[str, str, str], None]) -> str | None:
+    """The defects of one turn that failed the fast path; returns its role for the alternation check."""
+    where = f"conversations[{t}]"
+    if not isinstance(turn, dict):
+        add(where, "wrong_type", f"a turn must be an object, got {type(turn).__name__}")
+        return None
+    role, value = turn.get("from"), turn.get("value")
+    if not isinstance(role, str):
+        add(f"{where}.from", "wrong_type" if role is not None else "unknown_role",
+            f"`from` must be a string, got {type(role).__name__}" if role is not None else "turn has no `from`")
+    elif role not in ROLES:
+        add(f"{where}.from", "unknown_role", f"unknown role {role!r} (expected 'human' or 'gpt')")
+    elif t == 0 and role != "human":
+        add(f"{where}.from", "first_not_human", f"first turn is from {role!r}; it must be from 'human'")
+    elif role == previous_role:
+        add(f"{where}.from", "not_alternating", f"two {role!r} turns in a row (turns {t - 1} and {t})")
+    if not isinstance(value, str):
+        add(f"{where}.value", "wrong_type" if value is not None else "empty_value",
+            f"`value` must be a string, got {type(value).__name__}" if value is not None else "turn has no `value`")
+    elif not value.strip():
+        add(f"{where}.value", "empty_value", "empty text")
+    elif IMAGE_TOKEN in value:
+        image_tokens.extend([f"{where}.value"] * value.count(IMAGE_TOKEN))
+    return role if isinstance(role, str) else None

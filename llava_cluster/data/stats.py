@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_cluster.data.reader import SampleReader
-from llava_cluster.data.schema import Defect, check_sample
+from llava_cluster.data.schema import blocks_encoding, check_sample
 from llava_cluster.errors import UserError
 
 SIDE_BUCKETS = (336, 672, 1344)
@@ -56,7 +56,7 @@ def compute_stats(
     for record in reader:
         samples += 1
         sample = record.value
-        if record.error is not None or any(_blocks(d) for d in check_sample(record.index, sample)):
+        if record.error is not None or any(blocks_encoding(d) for d in check_sample(record.index, sample)):
             malformed += 1
             continue
         turns.append(len(sample["conversations"]))
@@ -86,11 +86,6 @@ def compute_stats(
             "over": {str(limit): sum(n > limit for n in everything) for limit in TOKEN_LIMITS},
         }
     return stats
-
-
-def _blocks(defect: Defect) -> bool:
-    """Id problems and unsafe image paths do not stop a sample from being measured; the rest do."""
-    return defect.field != "id" and defect.kind != "image_path_unsafe"
 
 
 class _Encoder:
