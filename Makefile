@@ -27,3 +27,32 @@ lint: setup
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+# --- container images (docker/); REGISTRY, IMAGE and TAG can be overridden: make push REGISTRY=ghcr.io/me
+REGISTRY  ?= ghcr.io/llava-cluster
+IMAGE     ?= $(REGISTRY)/llava-cluster
+VERSION   := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+GIT_SHA   := $(shell git rev-parse --short HEAD 2>/dev/null || echo nogit)
+TAG       ?= $(VERSION)-$(GIT_SHA)
+DOCKER    ?= docker
+
+.PHONY: image image-cpu push sqsh sif lint-docker
+
+image:
+	$(DOCKER) build -f docker/Dockerfile -t $(IMAGE):$(TAG) .
+
+image-cpu:
+	$(DOCKER) build -f docker/Dockerfile.cpu -t $(IMAGE):$(TAG)-cpu .
+
+push: image
+	$(DOCKER) push $(IMAGE):$(TAG)
+
+# SLURM users: pyxis/enroot squashfs, or an Apptainer SIF, from the image in the local daemon.
+sqsh: image
+	enroot import -o llava-cluster-$(TAG).sqsh dockerd://$(IMAGE):$(TAG)
+
+sif: image
+	apptainer build llava-cluster-$(TAG).sif docker-daemon://$(IMAGE):$(TAG)
+
+lint-docker: setup
+	$(BIN)/hadolint docker/Dockerfile docker/Dockerfile.cpu
