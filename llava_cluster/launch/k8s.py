@@ -117,8 +117,8 @@ def _memory(slurm_mem: str) -> str | None:
     return f"{number}{unit or 'M'}i"
 
 
-def _resources(spec: RunSpec, gpus: int, cpus: int) -> dict[str, Any]:
-    requests: dict[str, str] = {"cpu": str(cpus)}
+def _resources(spec: RunSpec, gpus: int) -> dict[str, Any]:
+    requests: dict[str, str] = {"cpu": str(spec.resources.cpus_per_task)}
     memory = _memory(spec.resources.mem)
     if memory:
         requests["memory"] = memory
@@ -179,7 +179,7 @@ def _pytorchjob(spec: RunSpec) -> dict[str, Any]:
     torchrun with PET_NPROC_PER_NODE ranks on every pod."""
     gpus = spec.resources.gpus_per_node
     container = {"name": "pytorch", "args": _stage_args(spec, "train"),
-                 "resources": _resources(spec, gpus, spec.resources.cpus_per_task)}
+                 "resources": _resources(spec, gpus)}
 
     def replicas(n: int) -> dict[str, Any]:
         # OnFailure: a failed rank restarts in place, every rank re-rendezvouses and resumes from
@@ -218,7 +218,7 @@ def _qlora_job(spec: RunSpec) -> dict[str, Any]:
     """Single-node QLoRA: no PyTorchJob needed; the stage starts `gpus_per_node` ranks itself."""
     gpus = spec.resources.gpus_per_node
     container = {"name": "train", "args": _stage_args(spec, "train"),
-                 "resources": _resources(spec, gpus, spec.resources.cpus_per_task)}
+                 "resources": _resources(spec, gpus)}
     # Preempted after a complete checkpoint (exit 75): a new pod resumes; not counted as a failure.
     rules = [{"action": "Ignore", "onExitCodes": {"containerName": "train", "operator": "In",
                                                   "values": [PREEMPTED_EXIT]}}]
@@ -232,7 +232,7 @@ def _post_train_job(spec: RunSpec, stage: str) -> dict[str, Any]:
               "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}}}
     gpus = 1 if stage == "validate" else 0
     container = {"name": stage, "args": _stage_args(spec, stage),
-                 "resources": _resources(spec, gpus, spec.resources.cpus_per_task)}
+                 "resources": _resources(spec, gpus)}
     rules = [{"action": "FailJob", "onExitCodes": {"containerName": waiter["name"], "operator": "In",
                                                    "values": [WAIT_FAILED_EXIT]}}]
     return _job(spec, stage, container, [waiter], shm=gpus > 0, failure_rules=rules)
