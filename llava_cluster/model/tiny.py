@@ -23,9 +23,10 @@ PATCH_SIZE = 8
 IMAGE_SEQ_LENGTH = (IMAGE_SIZE // PATCH_SIZE) ** 2  # CLS is dropped by the "default" feature strategy
 VOCAB_SIZE = 1000
 VAL_FRACTION = 0.1
+HEAD_ROW_NORM = 2.0
 
 # Sized so the shapes task is learnt in ~300 LoRA steps on one CPU core (numbers in the README).
-TEXT_SIZE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+TEXT_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 VISION_SIZE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 
 
@@ -125,7 +126,13 @@ def build_model(tokenizer, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    # At the usual 0.02 init the output head cannot turn a normalised hidden state into logits above
+    # ~1, so LoRA (which leaves lm_head frozen, as in a real fine-tune) could never make the model
+    # confident. Rows of norm ~2, like a trained head's, fix that and keep everything random.
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, HEAD_ROW_NORM / text.hidden_size**0.5)
+    return model
 
 
 def build_tiny(out_dir: Path, samples: int = 600, seed: int = 0) -> TinyPaths:

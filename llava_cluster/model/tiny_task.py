@@ -37,12 +37,16 @@ SHAPE_QUESTIONS = (
 )
 FOLLOW_UPS = ("And {q}", "Also, {q}", "{q}")
 
-# Text-only questions: the word that follows in a fixed sequence, learnable without an image.
-SEQUENCES = (
-    ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"),
-    ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"),
-)
-TEXT_QUESTIONS = ("What comes after {w}?", "Which word follows {w}?", "Say the word after {w}.")
+# Text-only questions: facts whose answers are the same words the image questions use, so the
+# answer vocabulary stays small and the text-only samples are learnable without an image.
+TEXT_FACTS = {
+    "colour": {"the sky": "blue", "grass": "green", "a banana": "yellow", "a tomato": "red"},
+    "shape": {"a ball": "circle", "a chessboard": "square", "a plus sign": "cross", "a slice of pizza": "triangle"},
+}
+TEXT_QUESTIONS = {
+    "colour": ("What colour is {x}?", "Which colour does {x} have?", "Name the colour of {x}."),
+    "shape": ("What shape is {x}?", "Which shape does {x} have?", "Name the shape of {x}."),
+}
 
 MULTI_TURN_FRACTION = 0.15
 TEXT_ONLY_FRACTION = 0.10
@@ -62,7 +66,7 @@ def draw_shape(shape: str, colour: str, rng: random.Random) -> Image.Image:
     height = width if rng.random() < 0.7 else rng.randint(32, 64)
     grey = rng.randint(200, 255)
     img = Image.new("RGB", (width, height), (grey, grey, grey))
-    side = int(min(width, height) * rng.uniform(0.55, 0.9))
+    side = int(min(width, height) * rng.uniform(0.75, 0.95))
     x0 = rng.randint(0, width - side)
     y0 = rng.randint(0, height - side)
     box = (x0, y0, x0 + side - 1, y0 + side - 1)
@@ -106,10 +110,10 @@ def _image_sample(idx: int, rng: random.Random) -> TaskSample:
 
 
 def _text_sample(idx: int, rng: random.Random) -> TaskSample:
-    seq = rng.choice(SEQUENCES)
-    pos = rng.randrange(len(seq) - 1)
-    question = rng.choice(TEXT_QUESTIONS).format(w=seq[pos])
-    conversations = [{"from": "human", "value": question}, {"from": "gpt", "value": seq[pos + 1]}]
+    kind = rng.choice(list(TEXT_FACTS))
+    thing, answer = rng.choice(sorted(TEXT_FACTS[kind].items()))
+    question = rng.choice(TEXT_QUESTIONS[kind]).format(x=thing)
+    conversations = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
     return TaskSample({"id": f"tiny-{idx:06d}", "conversations": conversations}, None)
 
 
