@@ -73,7 +73,8 @@ def train(spec: RunSpec, run: RunDir) -> int:
     from llava_cluster.train.callbacks import MetricsLog, RichProgress
     from llava_cluster.train.ds_config import load_deepspeed_config, offloads_optimizer
     from llava_cluster.train.model_setup import build_model, trainable_summary
-    from llava_cluster.train.trainer import LlavaTrainer
+    from llava_cluster.data.encode import image_token_id
+    from llava_cluster.train.trainer import ImageInEveryBatch, LlavaTrainer
 
     preemption.install()
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -135,12 +136,17 @@ def train(spec: RunSpec, run: RunDir) -> int:
             f"trainable LoRA {counts['lora']:,} + projector {counts['projector']:,} of {counts['total']:,}"
         )
     stop = preemption.PreemptionCallback(run.train_dir / preemption.STOP_FILE)
+    collate = LlavaCollator(processor.tokenizer.pad_token_id)
+    if args.world_size > 1:
+        size = processor.image_processor.crop_size
+        collate = ImageInEveryBatch(collate, image_token_id(processor.tokenizer), train_ds.image_seq_length,
+                                    (3, size["height"], size["width"]))
     trainer = LlavaTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
+        data_collator=collate,
         callbacks=[stop, RichProgress(), MetricsLog(run.logs_dir / "train_metrics.jsonl")],
         projector_lr=o.projector_lr,
         offload_optimizer=offloads_optimizer(ds_config),

@@ -32,6 +32,31 @@ def param_groups(model: torch.nn.Module, decay_names: set[str], weight_decay: fl
     return groups
 
 
+class ImageInEveryBatch:
+    """Collator wrapper for multi-rank runs: a text-only micro-batch gets one extra row made only of
+    image tokens (labels -100) and a blank image.
+
+    Under ZeRO-3 every rank must run the same collectives in the same order; a rank whose batch has
+    no image would skip the vision tower (and its parameter gathers) while the others run it, and
+    the job dies with a collective mismatch — at the latest at an epoch's tail, where the modality
+    sampler cannot keep both modalities whole. The extra row costs one image's tokens and changes no
+    loss: its labels are all ignored.
+    """
+
+    def __init__(self, collate: Any, image_token_id: int, image_seq_length: int, pixel_shape: tuple[int, ...]):
+        self.collate = collate
+        self.dummy = {
+            "input_ids": torch.full((image_seq_length,), image_token_id, dtype=torch.long),
+            "labels": torch.full((image_seq_length,), -100, dtype=torch.long),
+            "pixel_values": torch.zeros(pixel_shape),
+        }
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        if not any("pixel_values" in item for item in items):
+            items = [*items, self.dummy]
+        return self.collate(items)
+
+
 class LlavaTrainer(Trainer):
     def __init__(self, *args: Any, projector_lr: float, offload_optimizer: bool, metadata: dict[str, Any],
                  **kwargs: Any) -> None:

@@ -1,0 +1,216 @@
+"""Training under DeepSpeed on CPU (gloo): ZeRO-3 and ZeRO-2 with 2 ranks, single process, QLoRA,
+merge, and resume. Real runs of the `stage` entry on the tiny model, a few steps each."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def write_spec(tmp: Path, tiny, name: str, **changes) -> Path:
+    spec = {
+        "name": name, "storage": str(tmp / "storage"), "method": "lora",
+        "model": {"base": str(tiny.model), "template": "vicuna_v1"},
+        "data": {"train": str(tiny.train), "eval": str(tiny.val), "image_folder": str(tiny.images),
+                 "max_length": 256, "num_workers": 0},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.05},
+        "optim": {"lr": 2e-3, "projector_lr": 1e-3, "max_steps": 4, "per_device_batch": 2, "seed": 7},
+        "training": {"deepspeed": "zero3", "precision": "fp32", "gradient_checkpointing": False,
+                     "save_steps": 2, "save_total_limit": 5, "logging_steps": 1,
+                     "deepspeed_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
+        "resources": {"nodes": 1, "gpus_per_node": 2},
+        "merge": {"dtype": "fp32", "verify": True},
+        "validation": {"max_samples": 8, "batch_size": 8, "max_new_tokens": 4},
+    }
+    for dotted, value in changes.items():
+        node = spec
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def freeze(spec_path: Path) -> Path:
+    """Freeze the spec into its run directory (what `submit` does) and return the run dir."""
+    from llava_cluster.rundir import RunDir
+    from llava_cluster.spec import load_spec
+    from llava_cluster.submit import freeze as freeze_spec
+
+    spec = load_spec(spec_path)
+    run = RunDir(spec.run_dir)
+    freeze_spec(spec, run)
+    return run.root
+
+
+def stage(stage_name: str, run_dir: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llava_cluster.cli", "stage", stage_name, "--run-dir", str(run_dir)],
+                          env=ENV, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def trained(tmp: Path, tiny, name: str, **changes) -> Path:
+    run_dir = freeze(write_spec(tmp, tiny, name, **changes))
+    proc = stage("train", run_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, tiny_dir) -> Path:
+    return trained(tmp_path_factory.mktemp("z3"), tiny_dir, "zero3-2rank")
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, tiny_dir) -> Path:
+    return trained(tmp_path_factory.mktemp("single"), tiny_dir, "single", resources__gpus_per_node=1)
+
+
+def shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in load_file(str(path)).items()}
+
+
+def assert_complete_save(folder: Path) -> None:
+    for name in ("adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors",
+                 "llava_cluster.json"):
+        assert (folder / name).is_file(), f"{folder} lacks {name}"
+    for f in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
+        tensors = load_file(str(folder / f))
+        assert tensors and all(t.numel() > 0 for t in tensors.values()), f"empty tensor in {folder / f}"
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_saves_full_adapter_and_projector_everywhere(zero3_run, single_run):
+    from llava_cluster.rundir import RunDir
+
+    run = RunDir(zero3_run)
+    assert run.read_state("train").status == "succeeded"
+    ckpts = run.checkpoints()
+    assert [p.name for p in ckpts] == ["checkpoint-2", "checkpoint-4"]
+    for folder in [*ckpts, run.final_dir]:
+        assert_complete_save(folder)
+    final = run.final_dir
+    single = RunDir(single_run).final_dir
+    assert shapes(final / "adapter_model.safetensors") == shapes(single / "adapter_model.safetensors")
+    assert shapes(final / "non_lora_trainables.safetensors") == shapes(single / "non_lora_trainables.safetensors")
+    projector = load_file(str(final / "non_lora_trainables.safetensors"))
+    assert set(projector) == {f"model.multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    lora = load_file(str(final / "adapter_model.safetensors"))
+    assert all("language_model" in k for k in lora), "LoRA leaked onto the vision tower"
+    assert any(float(t.abs().sum()) > 0 for k, t in lora.items() if "lora_B" in k), "LoRA B never trained"
+
+
+@pytest.mark.slow
+def test_adapter_loads_with_stock_peft_and_projector_differs_from_base(zero3_run, tiny_dir):
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    final = Path(zero3_run) / "train" / "final"
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_dir.model)
+    before = base.model.multi_modal_projector.linear_1.weight.detach().clone()
+    model = PeftModel.from_pretrained(base, str(final))
+    assert model.peft_config["default"].base_model_name_or_path == str(tiny_dir.model)
+    trained_proj = load_file(str(final / "non_lora_trainables.safetensors"))["model.multi_modal_projector.linear_1.weight"]
+    assert not torch.equal(trained_proj, before), "projector did not train"
+
+
+@pytest.mark.slow
+def test_zero2_two_ranks_trains(tmp_path, tiny_dir):
+    from llava_cluster.rundir import RunDir
+
+    run = RunDir(trained(tmp_path, tiny_dir, "zero2-2rank", training__deepspeed="zero2", optim__max_steps=2))
+    assert_complete_save(run.final_dir)
+
+
+@pytest.mark.slow
+def test_merge_matches_base_plus_adapter_and_carries_trained_projector(zero3_run, tiny_dir):
+    from peft import PeftModel
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_cluster.probe import probe_inputs
+    from llava_cluster.train.artifacts import apply_projector
+
+    proc = stage("merge", zero3_run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = LlavaForConditionalGeneration.from_pretrained(Path(zero3_run) / "merged").eval()
+    processor = AutoProcessor.from_pretrained(Path(zero3_run) / "merged")
+    ref_base = LlavaForConditionalGeneration.from_pretrained(tiny_dir.model)
+    apply_projector(ref_base, Path(zero3_run) / "train" / "final")
+    reference = PeftModel.from_pretrained(ref_base, str(Path(zero3_run) / "train" / "final")).eval()
+    batch = probe_inputs(processor)
+    with torch.no_grad():
+        diff = (merged(**batch).logits - reference(**batch).logits).abs().max().item()
+    assert diff < 1e-5
+    trained_proj = load_file(str(Path(zero3_run) / "train" / "final" / "non_lora_trainables.safetensors"))
+    assert torch.equal(merged.model.multi_modal_projector.linear_2.bias,
+                       trained_proj["model.multi_modal_projector.linear_2.bias"])
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_reaches_the_same_adapter(tmp_path, tiny_dir):
+    """Stop right after checkpoint-2 (everything later removed), resume: bitwise the same result."""
+    from llava_cluster.rundir import RunDir
+
+    changes = dict(resources__gpus_per_node=2, optim__max_steps=4)
+    full = RunDir(trained(tmp_path / "a", tiny_dir, "resume-full", **changes))
+    cut = RunDir(freeze(write_spec(tmp_path / "b", tiny_dir, "resume-cut", **changes)))
+    shutil.copytree(full.train_dir / "checkpoint-2", cut.train_dir / "checkpoint-2")
+    (cut.train_dir / "checkpoint-3").mkdir(parents=True)  # a half-written checkpoint: must be ignored
+    proc = stage("train", cut.root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resuming from" in proc.stderr and "checkpoint-2" in proc.stderr
+    for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
+        a, b = load_file(str(full.final_dir / name)), load_file(str(cut.final_dir / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+
+
+@pytest.mark.slow
+def test_qlora_trains_with_vision_and_projector_unquantized(tmp_path, tiny_dir):
+    from llava_cluster.rundir import RunDir
+
+    run = RunDir(trained(tmp_path, tiny_dir, "qlora", method="qlora", training__deepspeed="zero2",
+                         resources__gpus_per_node=1, optim__max_steps=2))
+    assert_complete_save(run.final_dir)
+    meta = (run.final_dir / "llava_cluster.json").read_text()
+    assert '"method": "qlora"' in meta
+    projector = load_file(str(run.final_dir / "non_lora_trainables.safetensors"))
+    assert all(t.dtype == torch.float32 for t in projector.values())
+
+
+@pytest.mark.slow
+def test_preemption_signal_saves_checkpoint_and_exits_75(tmp_path, tiny_dir):
+    import signal
+    import time
+
+    from llava_cluster.rundir import RunDir
+
+    run = RunDir(freeze(write_spec(tmp_path, tiny_dir, "preempt", resources__gpus_per_node=1,
+                                   optim__max_steps=400, training__save_steps=1000)))
+    proc = subprocess.Popen([sys.executable, "-m", "llava_cluster.cli", "stage", "train", "--run-dir", str(run.root)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.time() + 300
+    while not (run.logs_dir / "train_metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    state = run.read_state("train")
+    assert state.status == "preempted"
+    assert run.last_checkpoint() is not None
+    assert_complete_save(run.last_checkpoint())
+    assert not run.final_dir.exists()
