@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `llava-cluster ... --json | head`
+        sys.stderr.close()
+        return 141
     finally:
         sys.stdout.flush()
 
