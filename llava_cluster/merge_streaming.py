@@ -121,6 +121,16 @@ class LoraPair:
     scaling: float
 
 
+def read_tensor(path: Path, key: str):
+    """One tensor, with the file opened just for it. safe_open memory-maps the file, and the pages a
+    read touched stay in this process's RSS until the file is closed: kept open, a 5 GB shard would
+    end up resident in full."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as fh:
+        return fh.get_tensor(key)
+
+
 class Adapter:
     """A PEFT LoRA adapter folder opened lazily: A/B tensors are read only when their weight is merged."""
 
@@ -135,9 +145,11 @@ class Adapter:
         self._check_supported(folder, cfg)
         r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
         scaling = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
-        self._file = safe_open(weights, "pt")
+        self._weights = weights
+        with safe_open(weights, "pt") as fh:
+            keys = list(fh.keys())
         self.pairs: dict[str, LoraPair] = {}
-        for key in self._file.keys():
+        for key in keys:
             m = re.fullmatch(r"base_model\.model\.(.+)\.lora_A\.weight", key)
             if m:
                 b_key = key.replace(".lora_A.", ".lora_B.")
@@ -169,12 +181,12 @@ class Adapter:
     def delta(self, module: str):
         """(B @ A) * scaling in fp32, exactly as PEFT computes it for an fp32-held adapter."""
         pair = self.pairs[module]
-        a = self._file.get_tensor(pair.a_key).float()
-        b = self._file.get_tensor(pair.b_key).float()
+        a = read_tensor(self._weights, pair.a_key).float()
+        b = read_tensor(self._weights, pair.b_key).float()
         return (b @ a) * pair.scaling
 
 
-def _write_safetensors(path: Path, plan: list[tuple[str, Any, list[int]]], tensors: Iterable[Any]) -> None:
+def write_safetensors(path: Path, plan: list[tuple[str, Any, list[int]]], tensors: Iterable[Any]) -> None:
     """Write a safetensors file from a header plan [(key, torch dtype, shape)] and the tensors in the
     same order, one at a time. safetensors' own writer needs every tensor in memory at once."""
     import torch
@@ -227,8 +239,10 @@ def streaming_merge(
         raise UserError(f"{base}: no config.json, not a Hugging Face checkpoint")
     target = getattr(torch, DTYPES[dtype]) if dtype else None
     lora = Adapter(adapter)
-    projector = safe_open(lora.projector_path, "pt") if lora.projector_path else None
-    projector_keys = set(projector.keys()) if projector else set()
+    projector_keys: set[str] = set()
+    if lora.projector_path:
+        with safe_open(lora.projector_path, "pt") as fh:
+            projector_keys = set(fh.keys())
     shards = shard_files(base)
     known = _memory_names_of(base)
 
@@ -247,13 +261,13 @@ def streaming_merge(
             "was this adapter trained on another base?"
         )
 
-    def merged(fh, key: str):
-        t = fh.get_tensor(key)
+    def merged(path: Path, key: str):
+        t = read_tensor(path, key)
         if target is not None and t.is_floating_point():
             t = t.to(target)
         name = memory_name(key)
         if name in projector_keys:
-            return projector.get_tensor(name).to(t.dtype)
+            return read_tensor(lora.projector_path, name).to(t.dtype)
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in lora.pairs:
             t.add_(lora.delta(module))
@@ -271,7 +285,7 @@ def streaming_merge(
                     dt = target if (target is not None and stored.is_floating_point) else stored
                     plan.append((key, dt, piece.get_shape()))
                     total_bytes += _nbytes(dt, piece.get_shape())
-                _write_safetensors(tmp / shard, plan, (merged(fh, key) for key in keys))
+            write_safetensors(tmp / shard, plan, (merged(base / shard, key) for key in keys))
             show(shard)
         if (base / INDEX_NAME).is_file():
             index = json.loads((base / INDEX_NAME).read_text())
