@@ -14,7 +14,7 @@ examples:
 
   # a LoRA output of the original training scripts, onto that converted base:
   llava-cluster convert adapter ./llava-v1.5-7b-lora --base ./llava-1.5-7b-hf --out ./adapter --allow-pickle
-  llava-cluster merge ./adapter --out ./merged
+  llava-cluster merge --adapter ./adapter --out ./merged
 
 Pickles (*.bin) are read only with --allow-pickle, and then with torch.load(weights_only=True),
 which refuses anything but tensors. Everything written is safetensors.
