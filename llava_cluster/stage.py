@@ -9,6 +9,7 @@ import logging
 import signal
 import subprocess
 import traceback
+import warnings
 from pathlib import Path
 
 from llava_cluster.errors import UserError
@@ -122,6 +123,7 @@ def run_stage(stage: str, run_dir: Path, spec_file: Path | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # rich progress and the stage log say it once, cleanly
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's concern
     handler = _attach_log(run, stage)
     run.mark_running(stage)
     try:

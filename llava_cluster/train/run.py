@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import warnings
 
 from llava_cluster.console import err_console
 from llava_cluster.rundir import RunDir, is_rank0
@@ -77,7 +76,6 @@ def train(spec: RunSpec, run: RunDir) -> int:
     from llava_cluster.train.trainer import ImageInEveryBatch, LlavaTrainer
 
     preemption.install()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
