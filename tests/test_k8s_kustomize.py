@@ -62,6 +62,15 @@ def test_overlay_renders_validates_and_equals_what_submit_applies(overlay):
                                         *(["PyTorchJob"] if spec.method == "lora" else [])}
 
 
+@pytest.mark.parametrize("overlay, job", [("lora-multinode", "lora-13b-multinode"), ("qlora-1node", "qlora-13b-1node")])
+def test_overlay_run_is_the_example_job_spec_with_a_k8s_section(overlay, job):
+    def run_only(path: Path) -> dict:
+        data = load_spec(path).to_dict()
+        return {k: v for k, v in data.items() if k not in ("slurm", "k8s")}
+
+    assert run_only(OVERLAYS / overlay / "run.yaml") == run_only(REPO / "jobs" / f"{job}.yaml")
+
+
 def regenerate() -> None:
     for overlay in sorted(OVERLAYS.iterdir()):
         text = HEADER + k8s.to_yaml(k8s.render(load_spec(overlay / "run.yaml"), STAGES)[1:])

@@ -38,8 +38,11 @@ def example(name: str):
     return load_spec(OVERLAYS / name / "run.yaml")
 
 
-SPECS = {"tiny": tiny_spec, "lora-multinode": lambda: example("lora-multinode"),
-         "qlora-1node": lambda: example("qlora-1node")}
+SPECS = {"tiny": tiny_spec,
+         "jobs/lora-13b-multinode": lambda: load_spec(REPO / "jobs" / "lora-13b-multinode.yaml"),
+         "jobs/qlora-13b-1node": lambda: load_spec(REPO / "jobs" / "qlora-13b-1node.yaml"),
+         "k8s/lora-multinode": lambda: example("lora-multinode"),
+         "k8s/qlora-1node": lambda: example("qlora-1node")}
 
 
 @pytest.mark.parametrize("which", SPECS)
@@ -68,7 +71,7 @@ def test_multinode_lora_is_master_plus_workers_with_the_run_on_the_volume():
     assert {"name": "shared", "persistentVolumeClaim": {"claimName": "llava-shared"}} in pod["volumes"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    assert c["resources"]["requests"] == {"cpu": "64", "memory": "900Gi"}
+    assert c["resources"]["requests"] == {"cpu": "8"}  # mem "0" (whole node, SLURM's sense): no request
     env = {e["name"]: e for e in c["env"]}
     assert env["NCCL_DEBUG"]["value"] == "WARN"
     assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}
@@ -77,10 +80,12 @@ def test_multinode_lora_is_master_plus_workers_with_the_run_on_the_volume():
 def test_single_node_lora_has_no_workers_and_no_token_without_a_secret():
     spec = tiny_spec()
     spec.resources.nodes = 1
+    spec.resources.mem = "900G"
     job = by_component(k8s.render(spec, ["train"]))["train"]
     assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Master"]
     (c,) = pod_templates(job)[0]["spec"]["containers"]
     assert "HF_TOKEN" not in {e["name"] for e in c["env"]}
+    assert c["resources"]["requests"] == {"cpu": "2", "memory": "900Gi"}
     validate(job)
 
 
