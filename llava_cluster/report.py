@@ -29,9 +29,9 @@ def loss_curve_png(metrics_log: Path) -> bytes | None:
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss")
     if evals:
-        ax.plot(*zip(*evals), marker="o", label="eval loss")
+        ax.plot([s for s, _ in evals], [v for _, v in evals], marker="o", label="eval loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -59,6 +59,11 @@ def _thumbnail(image_folder: Path | None, rel: str | None) -> str:
     return f'<img alt="{html.escape(rel)}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
+def _answer(row: dict[str, Any], label: str) -> str:
+    ok = row.get(f"{label}_exact_match") == 1.0
+    return f'<td class="{"ok" if ok else "miss"}">{html.escape(str(row.get(f"{label}_prediction", "")))}</td>'
+
+
 def _metric_rows(metrics: dict[str, Any]) -> str:
     out = []
     for label in ("base", "finetuned"):
@@ -78,13 +83,10 @@ def write_report(out_dir: Path, metrics: dict[str, Any], rows: list[dict[str, An
     head = "<th>image</th><th>prompt</th><th>reference</th>" + ("<th>base</th>" if has_base else "") + "<th>fine-tuned</th>"
     body = []
     for row in rows[:MAX_ROWS]:
-        def cell(label: str) -> str:
-            ok = row.get(f"{label}_exact_match") == 1.0
-            return f'<td class="{"ok" if ok else "miss"}">{html.escape(str(row.get(f"{label}_prediction", "")))}</td>'
-
         body.append(
             f"<tr><td>{_thumbnail(image_folder, row.get('image'))}</td><td>{html.escape(row['prompt'])}</td>"
-            f"<td>{html.escape(row['reference'])}</td>{cell('base') if has_base else ''}{cell('finetuned')}</tr>"
+            f"<td>{html.escape(row['reference'])}</td>{_answer(row, 'base') if has_base else ''}"
+            f"{_answer(row, 'finetuned')}</tr>"
         )
     curve_html = (f'<img alt="loss curve" src="data:image/png;base64,{base64.b64encode(curve).decode()}">'
                   if curve else "<p>no training log found for a loss curve</p>")

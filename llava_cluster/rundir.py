@@ -29,6 +29,8 @@ from typing import Any
 STAGES = ("train", "merge", "validate")
 STATUSES = ("pending", "running", "preempted", "succeeded", "failed", "cancelled")
 COMPLETE_MARKER = "COMPLETE"
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a stage stopped on request after saving; run it again to resume
+STOP_FILE = "STOP"  # in train/: its presence asks every rank to checkpoint and stop
 
 
 def global_rank() -> int:

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from llava_cluster.errors import UserError
-from llava_cluster.rundir import STAGES, RunDir, is_rank0
+from llava_cluster.rundir import PREEMPTED_EXIT, STAGES, STOP_FILE, RunDir, is_rank0
 
 FAILED_EXIT = 1
 
@@ -51,7 +51,6 @@ def _attach_log(run: RunDir, stage: str) -> logging.Handler | None:
 def _run_ranks_under_torchrun(run: RunDir, stage: str, launch: object) -> int:
     """Node shape: start this node's ranks with torchrun; a signal to us becomes the stop file."""
     from llava_cluster.launch.topology import torchrun_argv
-    from llava_cluster.train.preemption import PREEMPTED_EXIT, STOP_FILE
 
     def ask_stop(_sig: int, _frame: object) -> None:
         run.train_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +97,6 @@ def run_stage(stage: str, run_dir: Path, spec_file: Path | None = None) -> int:
     import os
 
     from llava_cluster.launch.topology import node_launch, rank_env
-    from llava_cluster.train.preemption import PREEMPTED_EXIT
 
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")

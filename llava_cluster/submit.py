@@ -8,7 +8,7 @@ import argparse
 import importlib
 from pathlib import Path
 
-from llava_cluster.console import console
+from llava_cluster.console import console, err_console
 from llava_cluster.errors import UserError
 from llava_cluster.rundir import STAGES, RunDir, atomic_write_text, is_rank0
 from llava_cluster.spec import RunSpec, check_inputs_exist, load_spec
@@ -51,7 +51,7 @@ def submit(spec_path: Path, overrides: list[str], backend: str, dry_run: bool) -
     if not stages:
         console.print(f"run {spec.name}: every stage already succeeded — see {run.validate_dir}")
         return 0
-    console.print(f"run [bold]{spec.name}[/] -> {run.root}\nstages: {' -> '.join(stages)} "
+    err_console.print(f"run [bold]{spec.name}[/] -> {run.root}\nstages: {' -> '.join(stages)} "
                   f"({backend}{', dry run' if dry_run else ''})", highlight=False)
     module = importlib.import_module(BACKENDS[backend])
     return module.submit(spec, stages, dry_run)

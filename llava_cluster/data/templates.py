@@ -58,8 +58,13 @@ class Template:
         return Rendered(text="".join(parts), supervised=spans, rounds=rounds)
 
     def prompt(self, turns: list[tuple[str, str]], system: str | None = None) -> str:
-        """The text a model sees before it generates the next reply (turns end with a user turn)."""
-        return self.render(turns, system).text
+        """The text a model sees before it generates the next reply (turns end with a user turn).
+
+        Trailing spaces are dropped: in training the space before a reply is tokenized with the
+        reply's first word (`Ġyellow`, `▁yellow`), so a prompt ending in a lone space token asks
+        the model for a token sequence it never saw and it stops at once.
+        """
+        return self.render(turns, system).text.rstrip(" ")
 
 
 _VICUNA_SYSTEM = (

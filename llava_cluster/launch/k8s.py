@@ -35,13 +35,12 @@ import yaml
 
 from llava_cluster import __version__
 from llava_cluster.errors import UserError
-from llava_cluster.rundir import RunDir
+from llava_cluster.rundir import PREEMPTED_EXIT, RunDir
 from llava_cluster.spec import PATH_FIELDS, RunSpec
 
 SPEC_MOUNT = "/etc/llava-cluster"
 RUN_USER = 1000  # the `llava` user of docker/Dockerfile*
 WAIT_FAILED_EXIT = 3  # the init container's "upstream stage failed": fail the Job, do not retry
-PREEMPTED_EXIT = 75  # the stage's "checkpoint saved after SIGTERM": rerun, do not count a failure
 FINISHED_TTL = 7 * 24 * 3600  # finished Jobs (and their logs) stay a week
 UPSTREAM = {"merge": "train", "validate": "merge"}
 

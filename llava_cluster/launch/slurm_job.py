@@ -25,9 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_cluster.rundir import RunDir, global_rank
+from llava_cluster.rundir import PREEMPTED_EXIT, RunDir, global_rank
 
-PREEMPTED_EXIT = 75  # the stage entry's "checkpoint saved, run me again" code
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 

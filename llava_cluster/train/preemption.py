@@ -13,8 +13,6 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again" — the job should requeue and resume
-STOP_FILE = "STOP"  # in train/: its presence asks every rank to checkpoint and stop
 _requested: list[int] = []
 
 

@@ -7,7 +7,7 @@ import shutil
 import socket
 
 from llava_cluster.console import err_console
-from llava_cluster.rundir import RunDir, is_rank0
+from llava_cluster.rundir import PREEMPTED_EXIT, STOP_FILE, RunDir, is_rank0
 from llava_cluster.spec import RunSpec
 from llava_cluster.train import preemption
 
@@ -67,12 +67,12 @@ def train(spec: RunSpec, run: RunDir) -> int:
 
     from llava_cluster.data.collator import LlavaCollator
     from llava_cluster.data.dataset import LazySupervisedDataset
+    from llava_cluster.data.encode import image_token_id
     from llava_cluster.data.templates import get_template
     from llava_cluster.model.load import load_processor
     from llava_cluster.train.callbacks import MetricsLog, RichProgress
     from llava_cluster.train.ds_config import load_deepspeed_config, offloads_optimizer
     from llava_cluster.train.model_setup import build_model, trainable_summary
-    from llava_cluster.data.encode import image_token_id
     from llava_cluster.train.trainer import ImageInEveryBatch, LlavaTrainer
 
     preemption.install()
@@ -133,7 +133,7 @@ def train(spec: RunSpec, run: RunDir) -> int:
             f"[bold]{spec.method}[/] on {spec.model.base}: {len(train_ds)} samples, world {args.world_size}, "
             f"trainable LoRA {counts['lora']:,} + projector {counts['projector']:,} of {counts['total']:,}"
         )
-    stop = preemption.PreemptionCallback(run.train_dir / preemption.STOP_FILE)
+    stop = preemption.PreemptionCallback(run.train_dir / STOP_FILE)
     collate = LlavaCollator(processor.tokenizer.pad_token_id)
     if args.world_size > 1:
         size = processor.image_processor.crop_size
@@ -153,7 +153,7 @@ def train(spec: RunSpec, run: RunDir) -> int:
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the same, once
     if is_rank0():
         _drop_incomplete_checkpoints(run)
-        (run.train_dir / preemption.STOP_FILE).unlink(missing_ok=True)
+        (run.train_dir / STOP_FILE).unlink(missing_ok=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     resume = run.last_checkpoint()
@@ -164,7 +164,7 @@ def train(spec: RunSpec, run: RunDir) -> int:
         if is_rank0():
             err_console.print(f"[yellow]stopped on request after step {trainer.state.global_step}: "
                               f"checkpoint saved, re-run to resume[/]")
-        return preemption.PREEMPTED_EXIT
+        return PREEMPTED_EXIT
     trainer.save_model(str(run.final_dir))
     return 0
 
