@@ -256,10 +256,6 @@ def test_interrupted_training_requeues_and_resumes_from_its_checkpoint(cluster_r
     assert f"resuming from {run.train_dir}/checkpoint-{stopped_at}" in console
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trainer resume is not exact yet (coordinator's train/): with dropout 0, the losses of steps 1-2 match "
-    "the uninterrupted run but step 3 after resuming from the preemption checkpoint does not (3.69 vs 3.84); "
-    "strict: remove this marker once resume is exact"))
 def test_interrupted_training_ends_with_the_same_adapter_as_an_uninterrupted_run(cluster_runs):
     import torch
     from safetensors.torch import load_file

@@ -180,6 +180,15 @@ def test_resume_from_checkpoint_reaches_the_same_adapter(tmp_path, tiny_dir):
 
 
 @pytest.mark.slow
+def test_two_runs_of_one_spec_are_bitwise_identical(single_run, tmp_path, tiny_dir):
+    """LoRA init, dropout and data order are all seeded: a rerun (or a requeued job) is reproducible."""
+    again = trained(tmp_path, tiny_dir, "single", resources__gpus_per_node=1)
+    for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
+        a, b = load_file(str(Path(single_run) / "train/final" / name)), load_file(str(again / "train/final" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs between two runs of one spec"
+
+
+@pytest.mark.slow
 def test_qlora_trains_with_vision_and_projector_unquantized(tmp_path, tiny_dir):
     from llava_cluster.rundir import RunDir
 

@@ -63,7 +63,7 @@ def _drop_incomplete_checkpoints(run: RunDir) -> None:
 def train(spec: RunSpec, run: RunDir) -> int:
     """Returns 0 when `train/final` is written, PREEMPTED_EXIT when stopped after a checkpoint."""
     import torch
-    from transformers import PrinterCallback, TrainingArguments
+    from transformers import PrinterCallback, TrainingArguments, set_seed
 
     from llava_cluster.data.collator import LlavaCollator
     from llava_cluster.data.dataset import LazySupervisedDataset
@@ -117,6 +117,7 @@ def train(spec: RunSpec, run: RunDir) -> int:
         remove_unused_columns=False,
         disable_tqdm=True,
     )
+    set_seed(o.seed)  # before the LoRA layers are created: their init must not depend on the process
     processor = load_processor(spec.model.base)
     template = get_template(spec.model.template)
 
