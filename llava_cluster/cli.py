@@ -13,13 +13,16 @@ import sys
 from llava_cluster import __version__
 from llava_cluster.errors import UserError
 
-# (command, module, one-line help). The module defines `register(parser)` which adds arguments and
-# sets `func=handler`; a handler takes the parsed args and returns an exit code.
-COMMANDS: list[tuple[str, str, str]] = [
+# (command, module, one-line help[, registration function]). The module defines `register(parser)`
+# (or the named function) which adds arguments and sets `func=handler`; a handler takes the parsed
+# args and returns an exit code.
+COMMANDS: list[tuple[str, ...]] = [
     ("data", "llava_cluster.data.cli", "check, convert, summarise and preview LLaVA conversation data"),
     ("tiny", "llava_cluster.model.tiny_cli", "write a tiny random LLaVA model and a learnable synthetic dataset"),
     ("submit", "llava_cluster.submit", "run a spec's stages (train -> merge -> validate) locally, on SLURM or on k8s"),
     ("status", "llava_cluster.status", "show a run's stages: state, job ids, attempts, elapsed, failing log tail"),
+    ("train", "llava_cluster.submit", "train a spec on this machine (no merge/validate); re-run to resume",
+     "register_train"),
     ("merge", "llava_cluster.merge", "fold an adapter + projector into the base: a standard HF checkpoint"),
     ("validate", "llava_cluster.validate", "generate on held-out samples, score against references and the base"),
     ("demo", "llava_cluster.demo", "the whole pipeline on a tiny model, on this machine, in a few minutes"),
@@ -47,11 +50,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llava-cluster {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None)
-    for name, module, help_text in COMMANDS:
+    for name, module, help_text, *hook in COMMANDS:
         cmd = sub.add_parser(name, help=help_text, description=help_text,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == wanted:
-            importlib.import_module(module).register(cmd)
+            getattr(importlib.import_module(module), hook[0] if hook else "register")(cmd)
     return parser
 
 

@@ -38,7 +38,8 @@ def pending_stages(spec: RunSpec, run: RunDir) -> list[str]:
     return [s for s in wanted if run.read_state(s).status != "succeeded"]
 
 
-def submit(spec_path: Path, overrides: list[str], backend: str, dry_run: bool) -> int:
+def submit(spec_path: Path, overrides: list[str], backend: str, dry_run: bool,
+           only: tuple[str, ...] = STAGES) -> int:
     spec = load_spec(spec_path, overrides)
     run = RunDir(spec.run_dir)
     if backend == "k8s":
@@ -48,6 +49,7 @@ def submit(spec_path: Path, overrides: list[str], backend: str, dry_run: bool) -
         if not dry_run:
             freeze(spec, run)
         stages = pending_stages(spec, run)
+    stages = [s for s in stages if s in only]
     if not stages:
         console.print(f"run {spec.name}: every stage already succeeded — see {run.validate_dir}")
         return 0
@@ -71,3 +73,17 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="local")
     parser.add_argument("--dry-run", action="store_true", help="print what would run or be submitted; change nothing")
     parser.set_defaults(func=lambda a: submit(a.spec, a.overrides, a.backend, a.dry_run))
+
+
+def register_train(parser: argparse.ArgumentParser) -> None:
+    """`llava-cluster train SPEC`: only the train stage, on this machine (torchrun for several ranks)."""
+    parser.epilog = (
+        "examples:\n"
+        "  llava-cluster train jobs/tiny-local.yaml\n"
+        "  llava-cluster train my-run.yaml resources.gpus_per_node=4 optim.max_steps=100\n\n"
+        "The run directory is <storage>/runs/<name>; run it again to resume from the last checkpoint.\n"
+    )
+    parser.add_argument("spec", type=Path, help="run spec YAML")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
+    parser.add_argument("--dry-run", action="store_true", help="print the command; change nothing")
+    parser.set_defaults(func=lambda a: submit(a.spec, a.overrides, "local", a.dry_run, only=("train",)))

@@ -160,6 +160,19 @@ def test_merge_matches_base_plus_adapter_and_carries_trained_projector(zero3_run
 
 
 @pytest.mark.slow
+def test_merge_verification_failure_writes_nothing(zero3_run, tmp_path, monkeypatch):
+    from llava_cluster import merge
+    from llava_cluster.errors import UserError
+
+    monkeypatch.setitem(merge.TOLERANCE, "fp32", 0.0)
+    out = tmp_path / "merged"
+    with pytest.raises(UserError, match="merge verification failed") as err:
+        merge.merge_adapter(Path(zero3_run) / "train" / "final", out, dtype="fp32", verify=True, streaming=False)
+    assert err.value.exit_code == 1
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.slow
 def test_resume_from_checkpoint_reaches_the_same_adapter(tmp_path, tiny_dir):
     """Stop right after checkpoint-2 (everything later removed), resume: bitwise the same result."""
     from llava_cluster.rundir import RunDir
@@ -199,6 +212,15 @@ def test_qlora_trains_with_vision_and_projector_unquantized(tmp_path, tiny_dir):
     assert '"method": "qlora"' in meta
     projector = load_file(str(run.final_dir / "non_lora_trainables.safetensors"))
     assert all(t.dtype == torch.float32 for t in projector.values())
+
+    from llava_cluster.merge import merge_adapter
+
+    exact = merge_adapter(run.final_dir, tmp_path / "deq", into="dequantized", dtype="fp32", verify=True,
+                          streaming=False)
+    assert exact.rel_diff is not None and exact.rel_diff < 1e-5
+    into_base = merge_adapter(run.final_dir, tmp_path / "full", into="base", dtype="fp32", verify=True,
+                              streaming=False)
+    assert into_base.into == "base" and (tmp_path / "full" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
