@@ -25,7 +25,8 @@ VOCAB_SIZE = 1000
 VAL_FRACTION = 0.1
 HEAD_ROW_NORM = 2.0
 
-# Sized so the shapes task is learnt in ~300 LoRA steps on one CPU core (numbers in the README).
+# Sized so that LoRA r=32 + trainable projector, AdamW 2e-3, batch 8, learns the task in ~300 steps
+# on one CPU core: val exact match goes from 0% to ~75% (colour 100%, shape ~60%, text-only ~75%).
 TEXT_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 VISION_SIZE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 
