@@ -59,12 +59,7 @@ def _run_ranks_under_torchrun(run: RunDir, stage: str, launch: object) -> int:
     for sig in (signal.SIGUSR2, signal.SIGTERM):
         signal.signal(sig, ask_stop)
     proc = subprocess.Popen(torchrun_argv(launch, ["stage", stage, "--run-dir", str(run.root)]))
-    while True:
-        try:
-            code = proc.wait()
-            break
-        except InterruptedError:
-            continue
+    code = proc.wait()  # PEP 475: a handled signal does not interrupt the wait
     state = run.read_state(stage)
     if state.status == "preempted":
         return PREEMPTED_EXIT

@@ -53,12 +53,7 @@ class StageJob:
         for sig in STOP_SIGNALS:
             signal.signal(sig, lambda signum, _frame: signals.append(signum))
         proc = subprocess.Popen(self.command)
-        while True:
-            try:
-                code = proc.wait()
-                break
-            except InterruptedError:
-                continue
+        code = proc.wait()  # PEP 475: a handled signal does not interrupt the wait
         return self.outcome(code, bool(signals))
 
     def outcome(self, code: int, signalled: bool) -> int:
