@@ -45,7 +45,12 @@ def submit(spec_path: Path, overrides: list[str], backend: str, dry_run: bool,
     if backend == "k8s":
         stages = [s for s in STAGES if s != "validate" or spec.data.eval]  # the PVC is not visible from here
     else:
-        check_inputs_exist(spec)
+        try:
+            check_inputs_exist(spec)
+        except UserError as err:
+            if not dry_run:
+                raise
+            err_console.print(f"[yellow]warning:[/] {err.message} (a real submit stops here)")
         if not dry_run:
             freeze(spec, run)
         stages = pending_stages(spec, run)
