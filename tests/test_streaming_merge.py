@@ -65,13 +65,13 @@ def assert_bitwise_equal(got: dict, want: dict) -> None:
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("adapter")
-    make_adapter(tiny_dir / "model", out)
+    make_adapter(tiny_dir.model, out)
     return out
 
 
 @pytest.mark.parametrize("dtype_name,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_streaming_merge_is_bitwise_peft_merge(tiny_dir, adapter_dir, tmp_path, dtype_name, dtype):
-    base = tiny_dir / "model"
+    base = tiny_dir.model
     streaming_merge(base, adapter_dir, tmp_path / "merged", dtype=dtype_name, progress=False)
 
     got = loaded_state(tmp_path / "merged", dtype)
@@ -92,9 +92,9 @@ def test_sharded_base_keeps_its_sharding(tiny_dir, adapter_dir, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     sharded = tmp_path / "sharded"
-    LlavaForConditionalGeneration.from_pretrained(tiny_dir / "model").save_pretrained(sharded, max_shard_size="100KB")
+    LlavaForConditionalGeneration.from_pretrained(tiny_dir.model).save_pretrained(sharded, max_shard_size="100KB")
     for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
-        (sharded / name).write_bytes((tiny_dir / "model" / name).read_bytes())
+        (sharded / name).write_bytes((tiny_dir.model / name).read_bytes())
     shards = shard_files(sharded)
     assert len(shards) > 2
 
@@ -117,10 +117,10 @@ def checkpoint_bytes_of_data(folder: Path) -> int:
 
 def test_rslora_scaling_matches_peft(tiny_dir, tmp_path):
     adapter = tmp_path / "adapter"
-    make_adapter(tiny_dir / "model", adapter, r=8, alpha=4.0, use_rslora=True)
-    streaming_merge(tiny_dir / "model", adapter, tmp_path / "merged", progress=False)
+    make_adapter(tiny_dir.model, adapter, r=8, alpha=4.0, use_rslora=True)
+    streaming_merge(tiny_dir.model, adapter, tmp_path / "merged", progress=False)
     assert_bitwise_equal(loaded_state(tmp_path / "merged", torch.float32),
-                         peft_merge(tiny_dir / "model", adapter, torch.float32))
+                         peft_merge(tiny_dir.model, adapter, torch.float32))
 
 
 def test_adapter_for_another_base_is_refused(tiny_dir, adapter_dir, tmp_path):
@@ -132,7 +132,7 @@ def test_adapter_for_another_base_is_refused(tiny_dir, adapter_dir, tmp_path):
         tensors = {k.replace("layers.1.", "layers.7."): fh.get_tensor(k) for k in fh.keys()}
     save_file(tensors, wrong / "adapter_model.safetensors")
     with pytest.raises(UserError, match="layers.7.*another base"):
-        streaming_merge(tiny_dir / "model", wrong, tmp_path / "merged", progress=False)
+        streaming_merge(tiny_dir.model, wrong, tmp_path / "merged", progress=False)
     assert not (tmp_path / "merged").exists()
 
 
@@ -144,7 +144,7 @@ def test_dora_is_refused_not_merged_wrongly(tiny_dir, adapter_dir, tmp_path):
     cfg = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(UserError, match="use_dora"):
-        streaming_merge(tiny_dir / "model", dora, tmp_path / "merged", progress=False)
+        streaming_merge(tiny_dir.model, dora, tmp_path / "merged", progress=False)
 
 
 def test_memory_names_cover_both_disk_layouts():
@@ -158,10 +158,10 @@ def test_memory_names_cover_both_disk_layouts():
 def test_fits_in_memory_compares_checkpoint_with_available_ram(tiny_dir, monkeypatch):
     import llava_cluster.merge_streaming as ms
 
-    size = checkpoint_bytes(tiny_dir / "model")
-    assert size == (tiny_dir / "model" / "model.safetensors").stat().st_size
-    monkeypatch.setattr(ms, "available_memory_bytes", lambda: int(size * 3))
-    assert fits_in_memory(tiny_dir / "model")
-    assert not fits_in_memory(tiny_dir / "model", dtype="fp32")  # an upcast doubles what must fit
+    size = checkpoint_bytes(tiny_dir.model)
+    assert size == (tiny_dir.model / "model.safetensors").stat().st_size
+    monkeypatch.setattr(ms, "available_memory_bytes", lambda: int(size * 1.5))
+    assert fits_in_memory(tiny_dir.model)
+    assert not fits_in_memory(tiny_dir.model, dtype="fp32")  # an upcast doubles what must fit
     monkeypatch.setattr(ms, "available_memory_bytes", lambda: size)
-    assert not fits_in_memory(tiny_dir / "model")
+    assert not fits_in_memory(tiny_dir.model)
