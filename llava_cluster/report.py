@@ -98,7 +98,7 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 td.ok {{ background: #e6f4e6; }} td.miss {{ background: #fbeaea; }}
 </style></head><body>
 <h1>Validation report</h1>
-<p>model <code>{html.escape(str(metrics.get('model')))}</code>, base <code>{html.escape(str(metrics.get('base')))}</code>,
+<p>model <code>{html.escape(str(metrics.get('model')))}</code>, base <code>{html.escape(str(metrics.get('base_model')))}</code>,
 template <code>{html.escape(str(metrics.get('template')))}</code>, {metrics['samples']} held-out samples.</p>
 <table><tr><th>model</th><th>exact match</th><th>token F1</th><th>eval loss</th></tr>
 {_metric_rows(metrics)}

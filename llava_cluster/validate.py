@@ -184,7 +184,7 @@ def validate(model_dir: Path, data: Path, image_folder: Path | None, out_dir: Pa
         results[label] = {**_scores(answers[label], references), "eval_loss": ev.eval_loss(indices, batch_size)}
         del model, ev
 
-    metrics = {"samples": len(samples), "template": template, "model": str(model_dir), "base": base_path,
+    metrics = {"samples": len(samples), "template": template, "model": str(model_dir), "base_model": base_path,
                **results}
     out_dir = Path(out_dir)
     rows = []

@@ -1,0 +1,58 @@
+"""Validation metrics and the report, on the tiny model: scoring functions, and a real run of
+`llava-cluster validate` on an adapter folder (base + adapter) with the base as comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llava_cluster.validate import exact_match, token_f1
+
+
+def test_exact_match_normalises_case_punctuation_and_spaces():
+    assert exact_match(" Red. ", "red") == 1.0
+    assert exact_match("dark red", "red") == 0.0
+
+
+def test_token_f1_counts_overlap():
+    assert token_f1("a red circle", "red circle") == pytest.approx(0.8)
+    assert token_f1("", "") == 1.0
+    assert token_f1("blue", "red") == 0.0
+
+
+@pytest.mark.slow
+def test_validate_an_adapter_writes_predictions_metrics_and_report(tmp_path, tiny_dir):
+    """An untrained adapter (B = 0) must score exactly like the base: same answers, same loss."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_cluster.cli import main
+    from llava_cluster.rundir import atomic_write_json
+    from llava_cluster.spec import DEFAULT_LORA_TARGETS
+
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_dir.model)
+    projector = {k: v.clone() for k, v in base.state_dict().items() if "multi_modal_projector" in k}
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS))
+    adapter = tmp_path / "adapter"
+    peft.save_pretrained(adapter)
+    save_file(projector, str(adapter / "non_lora_trainables.safetensors"))
+    atomic_write_json(adapter / "llava_cluster.json", {"base": str(tiny_dir.model), "template": "vicuna_v1"})
+
+    out = tmp_path / "report"
+    code = main(["validate", "--model", str(adapter), "--data", str(tiny_dir.val), "--image-folder",
+                 str(tiny_dir.images), "--out", str(out), "--max-samples", "6", "--max-new-tokens", "3", "--json"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples"] == 6 and metrics["base_model"] == str(tiny_dir.model)
+    assert metrics["finetuned"]["eval_loss"] == pytest.approx(metrics["base"]["eval_loss"], rel=1e-5)
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    assert all(r["finetuned_prediction"] == r["base_prediction"] for r in rows)
+    page = (out / "report.html").read_text()
+    assert page.count("<tr>") == 6 + 1 + 3  # sample rows + header, metric header + 2 models
+    assert "data:image/png;base64," in page
+    assert Path(out / "loss.png").exists() is False  # no training log given: no curve, and the page says so
+    assert "no training log found" in page
