@@ -129,8 +129,8 @@ def _load_tokenizer(src: Path):
         return AutoTokenizer.from_pretrained(src)
     except Exception as err:
         raise UserError(
-            f"{src}: cannot load the tokenizer ({err.__class__.__name__}: {err}). A sentencepiece-only "
-            "tokenizer (tokenizer.model) needs `pip install sentencepiece protobuf` once for the conversion."
+            f"{src}: cannot load the tokenizer ({err.__class__.__name__}: {err}); expected tokenizer.json or "
+            "a SentencePiece tokenizer.model with its tokenizer_config.json"
         ) from None
 
 

@@ -43,7 +43,7 @@ def read_llava_config(path: str | Path) -> dict[str, Any]:
         raise UserError(
             f"{path} is an original-layout LLaVA checkpoint (haotian-liu/LLaVA: "
             f"{', '.join(k for k in ORIGINAL_LAYOUT_KEYS if k in config) or 'flat ' + str(model_type) + ' config'}); "
-            f"convert it first with `llava-cluster convert original {path} --out <folder>`"
+            f"convert it first with `llava-cluster convert original {path} --vision-tower <CLIP folder> --out <folder>`"
         )
     if model_type != "llava":
         raise UserError(
