@@ -84,6 +84,11 @@ class TrainingSpec(_Section):
     device_map: bool | None = Field(
         None, description="QLoRA on GPUs: place each rank's 4-bit model with a device_map (default: yes unless ZeRO-3)"
     )
+    packing: bool = Field(
+        False, description="pack several samples per row (exact: no cross-sample attention); per_device_batch "
+                           "then counts rows of pack_length tokens, not samples"
+    )
+    pack_length: int | None = Field(None, ge=16, description="tokens per packed row (default: data.max_length)")
 
 
 class ResourcesSpec(_Section):

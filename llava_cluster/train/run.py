@@ -126,6 +126,11 @@ def train(spec: RunSpec, run: RunDir) -> int:
                                      image_aspect_ratio=spec.data.image_aspect_ratio)
 
     train_ds = dataset(spec.data.train)
+    pack_length = (t.pack_length or spec.data.max_length) if t.packing else None
+    if pack_length:
+        from llava_cluster.train.packing import PackedDataset, calibrated_lengths
+
+        train_ds = PackedDataset(train_ds, calibrated_lengths(train_ds))
     eval_ds = dataset(spec.data.eval) if eval_on else None
     model = build_model(spec, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
     if is_rank0():
@@ -135,7 +140,12 @@ def train(spec: RunSpec, run: RunDir) -> int:
             f"trainable LoRA {counts['lora']:,} + projector {counts['projector']:,} of {counts['total']:,}"
         )
     stop = preemption.PreemptionCallback(run.train_dir / STOP_FILE)
-    collate = LlavaCollator(processor.tokenizer.pad_token_id)
+    if pack_length:
+        from llava_cluster.train.packing import PackedCollator
+
+        collate = PackedCollator(processor.tokenizer.pad_token_id)
+    else:
+        collate = LlavaCollator(processor.tokenizer.pad_token_id)
     if args.world_size > 1:
         size = processor.image_processor.crop_size
         collate = ImageInEveryBatch(collate, image_token_id(processor.tokenizer), train_ds.image_seq_length,
@@ -150,6 +160,7 @@ def train(spec: RunSpec, run: RunDir) -> int:
         projector_lr=o.projector_lr,
         offload_optimizer=offloads_optimizer(ds_config),
         metadata=metadata(spec),
+        pack_length=pack_length,
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the same, once
     if is_rank0():

@@ -1,4 +1,4 @@
-"""The HF Trainer, specialised: modality-length sampler, projector learning-rate groups, and saves
+"""The HF Trainer, specialised: modality-length (or packed-row) sampler, projector learning-rate groups, and saves
 that always hold adapter + projector + metadata and are marked complete only when whole."""
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class ImageInEveryBatch:
     no image would skip the vision tower (and its parameter gathers) while the others run it, and
     the job dies with a collective mismatch — at the latest at an epoch's tail, where the modality
     sampler cannot keep both modalities whole. The extra row costs one image's tokens and changes no
-    loss: its labels are all ignored.
+    loss: its labels are all ignored. With packing (items are rows) it becomes a segment of its own
+    at the end of the shortest row instead, so it attends to nothing else.
     """
 
     def __init__(self, collate: Any, image_token_id: int, image_seq_length: int, pixel_shape: tuple[int, ...]):
@@ -51,16 +52,21 @@ class ImageInEveryBatch:
             "pixel_values": torch.zeros(pixel_shape),
         }
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        if not any("pixel_values" in item for item in items):
+    def __call__(self, items: list[Any]) -> dict[str, Any]:
+        if items and isinstance(items[0], list):  # packed rows: the blank image joins the shortest row
+            if not any("pixel_values" in item for row in items for item in row):
+                k = min(range(len(items)), key=lambda r: sum(len(item["input_ids"]) for item in items[r]))
+                items = [[*row, self.dummy] if r == k else row for r, row in enumerate(items)]
+        elif not any("pixel_values" in item for item in items):
             items = [*items, self.dummy]
         return self.collate(items)
 
 
 class LlavaTrainer(Trainer):
     def __init__(self, *args: Any, projector_lr: float, offload_optimizer: bool, metadata: dict[str, Any],
-                 **kwargs: Any) -> None:
+                 pack_length: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.pack_length = pack_length
         self.projector_lr = projector_lr
         self.offload_optimizer = offload_optimizer
         self.metadata = metadata
@@ -69,6 +75,19 @@ class LlavaTrainer(Trainer):
         from llava_cluster.data.sampler import ModalityLengthGroupedSampler
 
         dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.pack_length:
+            from llava_cluster.train.packing import PackedRowSampler
+
+            sampler = PackedRowSampler(dataset.lengths, self.pack_length,
+                                       batch_size=self.args.per_device_train_batch_size,
+                                       world_size=self.args.world_size, seed=self.args.seed)
+            if is_rank0():
+                from llava_cluster.console import err_console
+
+                fill = sum(dataset.lengths) / (len(sampler) * self.pack_length)
+                err_console.print(f"packing: {len(dataset)} samples into {len(sampler)} rows of "
+                                  f"<= {self.pack_length} tokens ({fill:.1%} full by estimated lengths)")
+            return sampler
         return ModalityLengthGroupedSampler(
             dataset.lengths, dataset.is_image,
             batch_size=self.args.per_device_train_batch_size,
