@@ -78,18 +78,22 @@ def test_epochs_and_seeds_change_the_order_but_not_the_invariants():
     assert list(PackedRowSampler(lengths, 2048, batch_size=2, world_size=2, seed=1)) != first
 
 
-def test_ranks_get_balanced_tokens_and_the_heaviest_step_comes_first():
+def test_ranks_get_balanced_tokens_and_compute_is_almost_all_real_tokens():
+    """Rows of one micro-batch are padded to the longest and ranks wait for the slowest: the
+    fraction of computed tokens that are real stays >= 97% (the issue's goal) on a LLaVA-like mix."""
     lengths = llava_mix(4000, seed=5)
     world, batch = 4, 2
     rows = list(PackedRowSampler(lengths, 4096, batch_size=batch, world_size=world, seed=0))
     m = world * batch
     tokens = [sum(lengths[i] for i in r) for r in rows]
-    worst = 0
+    spread, computed = [], 0
     for k in range(0, len(rows), m):
-        per_rank = [sum(tokens[k + r * batch:k + (r + 1) * batch]) for r in range(world)]
-        worst = max(worst, max(per_rank) - min(per_rank))
-    assert worst <= 4096  # never more than one row's worth apart; typically a few hundred tokens
-    assert max(tokens[:m]) == max(tokens)
+        per_rank = [tokens[k + r * batch:k + (r + 1) * batch] for r in range(world)]
+        spread.append(max(map(sum, per_rank)) - min(map(sum, per_rank)))
+        computed += world * max(batch * max(mb) for mb in per_rank)
+    assert sum(spread) / len(spread) < 200
+    assert sum(tokens) / computed > 0.97
+    assert max(tokens[:m]) == max(tokens)  # the heaviest micro-step first
 
 
 # --- collation --------------------------------------------------------------------------------------

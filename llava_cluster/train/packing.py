@@ -15,8 +15,10 @@ image features into image-token slots in row-major order, so `pixel_values` hold
 micro-batch in row order and a row may hold several images.
 
 Layout of an epoch (`PackedRowSampler`): shuffle (seed, epoch), cut into windows, best-fit
-decreasing into rows of at most `capacity` estimated tokens, shuffle rows, deal each micro-step's
-rows to ranks in a snake by token count (equal row counts, balanced tokens). The sampler yields rows
+decreasing into rows of at most `capacity` estimated tokens, shuffle rows; then, as in the
+modality-length sampler, sort each window of `window_steps` micro-steps' rows by tokens and cut it
+into micro-steps (rows of one micro-batch are padded to the longest, ranks wait for the slowest),
+deal each micro-step's rows to ranks in a snake (equal row counts, balanced tokens), shuffle steps. The sampler yields rows
 (tuples of dataset indices); `PackedDataset` fetches a row's items; `PackedCollator` packs them.
 """
 
@@ -31,7 +33,7 @@ from typing import Any
 from torch.utils.data import Sampler
 
 from llava_cluster.data.encode import IGNORE_INDEX
-from llava_cluster.data.sampler import snake_deal
+from llava_cluster.data.sampler import WINDOW_STEPS, snake_deal
 
 WINDOW_SAMPLES = 4096
 CALIBRATION_SAMPLES = 512
@@ -107,15 +109,16 @@ class PackedRowSampler(Sampler[tuple[int, ...]]):
     """
 
     def __init__(self, lengths: Sequence[int], capacity: int, batch_size: int, world_size: int = 1,
-                 seed: int = 0, window: int = WINDOW_SAMPLES) -> None:
-        if min(capacity, batch_size, world_size, window) < 1:
-            raise ValueError("capacity, batch_size, world_size and window must be >= 1")
+                 seed: int = 0, window: int = WINDOW_SAMPLES, window_steps: int = WINDOW_STEPS) -> None:
+        if min(capacity, batch_size, world_size, window, window_steps) < 1:
+            raise ValueError("capacity, batch_size, world_size, window and window_steps must be >= 1")
         self.lengths = list(lengths)
         self.capacity = capacity
         self.batch_size = batch_size
         self.world_size = world_size
         self.seed = seed
         self.window = window
+        self.window_steps = window_steps
         self.epoch = 0
         self._cache: tuple[int, list[tuple[int, ...]]] | None = None
 
@@ -142,12 +145,15 @@ class PackedRowSampler(Sampler[tuple[int, ...]]):
         rows = split_to_multiple(rows, self.lengths, m)
         rng.shuffle(rows)
         steps = []
-        for k in range(0, len(rows), m):
-            step = sorted(rows[k:k + m], key=lambda r: (-self._tokens(r), r))
-            if len(step) == m:
-                dealt = snake_deal(list(range(m)), self.world_size)
-                step = [step[j] for rank in dealt for j in rank]
-            steps.append(step)
+        for start in range(0, len(rows), m * self.window_steps):
+            ordered = sorted(rows[start:start + m * self.window_steps], key=lambda r: (-self._tokens(r), r))
+            for k in range(0, len(ordered), m):
+                step = ordered[k:k + m]
+                if len(step) == m:
+                    dealt = snake_deal(list(range(m)), self.world_size)
+                    step = [step[j] for rank in dealt for j in rank]
+                steps.append(step)
+        rng.shuffle(steps)
         if steps:  # the heaviest micro-step first: an out-of-memory shows in the first minute
             heaviest = max(range(len(steps)), key=lambda k: max(self._tokens(r) for r in steps[k]))
             steps.insert(0, steps.pop(heaviest))
