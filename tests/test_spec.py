@@ -95,8 +95,9 @@ def test_submit_dry_run_local_prints_stages_and_writes_nothing(tmp_path, tiny_di
     path = write(tmp_path, model={"base": str(tiny_dir.model)},
                  data={"train": str(tiny_dir.train), "eval": str(tiny_dir.val), "image_folder": str(tiny_dir.images)})
     assert main(["submit", str(path), "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "train -> merge -> validate" in out and "stage train --run-dir" in out
+    captured = capsys.readouterr()
+    assert "train -> merge -> validate" in captured.err  # the header goes to stderr, commands to stdout
+    assert "stage train --run-dir" in captured.out
     assert not (tmp_path / "runs").exists()
 
 
