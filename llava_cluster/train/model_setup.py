@@ -30,7 +30,7 @@ def qlora_device_map(spec: RunSpec, local_rank: int) -> dict[str, Any] | None:
 def build_model(spec: RunSpec, local_rank: int = 0) -> torch.nn.Module:
     """Load the base from its path and wrap it for training. Call after TrainingArguments exist, so
     that under ZeRO-3 the weights are partitioned while they load."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     from llava_cluster.model.load import load_llava
 
@@ -47,6 +47,14 @@ def build_model(spec: RunSpec, local_rank: int = 0) -> torch.nn.Module:
         )
     else:
         model = load_llava(spec.model.base, dtype=dtype)
+    return wrap_for_training(model, spec)
+
+
+def wrap_for_training(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
+    """LoRA on the language model, projector trainable, vision tower frozen; no KV cache (a cache
+    would also turn off transformers' packed-sequence masks). Shared with benchmarks/train_throughput.py."""
+    from peft import LoraConfig, get_peft_model
+
     model.config.use_cache = False
     model.config.text_config.use_cache = False
 
