@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from collections import deque
 from dataclasses import asdict
 from pathlib import Path
@@ -34,6 +35,23 @@ def _elapsed(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
+def scheduler_notes(states: list) -> dict[str, str]:
+    """For stages the run directory still calls pending/running: what SLURM says their last job did.
+    A job killed at its time limit without the signal, or cancelled by hand, cannot update its state
+    file itself; its end shows here."""
+    from llava_cluster.launch.slurm import job_states
+
+    open_jobs = {s.stage: s.job_ids[-1] for s in states if s.status in ("pending", "running") and s.job_ids}
+    if not open_jobs:
+        return {}
+    try:
+        seen = job_states(list(open_jobs.values()))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {stage: f"SLURM job {job} {seen[job]}" for stage, job in open_jobs.items()
+            if seen.get(job) not in (None, "", "PENDING", "RUNNING", "REQUEUED", "COMPLETING")}
+
+
 def show_status(run_dir: Path, as_json: bool = False, tail_lines: int = 20) -> int:
     run = RunDir(run_dir)
     if not run.root.is_dir():
@@ -41,9 +59,11 @@ def show_status(run_dir: Path, as_json: bool = False, tail_lines: int = 20) -> i
     if not run.spec_path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no spec.yaml)")
     states = [run.read_state(s) for s in STAGES]
+    notes = scheduler_notes(states)
     if as_json:
         console.print_json(json.dumps({"run": str(run.root), "checkpoints": [p.name for p in run.checkpoints()],
-                                       "stages": [{**asdict(s), "elapsed": s.elapsed} for s in states]}))
+                                       "stages": [{**asdict(s), "elapsed": s.elapsed, "scheduler": notes.get(s.stage)}
+                                                  for s in states]}))
         return 0
     table = Table(title=f"run {run.root.name}  ({run.root})")
     for col in ("stage", "state", "job ids", "attempts", "elapsed", "note"):
@@ -51,7 +71,7 @@ def show_status(run_dir: Path, as_json: bool = False, tail_lines: int = 20) -> i
     for s in states:
         colour = COLOURS.get(s.status, "white")
         table.add_row(s.stage, f"[{colour}]{s.status}[/]", ",".join(s.job_ids) or "-", str(s.attempts),
-                      _elapsed(s.elapsed), s.error or "")
+                      _elapsed(s.elapsed), "; ".join(x for x in (s.error, notes.get(s.stage)) if x))
     console.print(table)
     ckpts = run.checkpoints()
     if ckpts:

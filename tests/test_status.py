@@ -1,0 +1,61 @@
+"""`llava-cluster status`: the stage table from the run directory, the failing log's tail, and
+what SLURM says about a job that could not record its own end (cancelled, timed out)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llava_cluster.cli import main
+from llava_cluster.rundir import RunDir
+
+
+def make_run(tmp_path: Path) -> RunDir:
+    run = RunDir(tmp_path / "runs" / "r1")
+    run.root.mkdir(parents=True)
+    run.spec_path.write_text(yaml.safe_dump({"name": "r1"}))
+    return run
+
+
+def test_failed_stage_shows_its_error_and_log_tail(tmp_path, capsys):
+    run = make_run(tmp_path)
+    run.mark_running("train")
+    run.mark_done("train", error="ValueError: boom (traceback in logs/train.log)")
+    run.update_state("merge", status="cancelled", error="train failed (exit 1)")
+    run.logs_dir.mkdir()
+    run.log_path("train").write_text("".join(f"line {i}\n" for i in range(50)) + "ValueError: boom\n")
+    assert main(["status", str(run.root), "--lines", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "failed" in out and "cancelled" in out and "ValueError: boom" in out
+    assert "line 49" in out and "line 44" not in out
+    assert main(["status", str(run.root), "--json"]) == 0
+    stages = {s["stage"]: s for s in json.loads(capsys.readouterr().out)["stages"]}
+    assert stages["train"]["attempts"] == 1 and stages["merge"]["error"] == "train failed (exit 1)"
+    assert stages["validate"]["status"] == "pending"
+
+
+@pytest.mark.slurm
+def test_a_cancelled_slurm_job_shows_up_although_its_state_file_says_running(tmp_path, capsys):
+    from test_slurm_cluster import _slurm_reachable
+
+    why = _slurm_reachable()
+    if why:
+        pytest.skip(f"no SLURM reachable ({why})")
+    job = subprocess.run(["sbatch", "--parsable", "--wrap", "sleep 120"], capture_output=True, text=True,
+                         check=True).stdout.strip().split(";")[0]
+    subprocess.run(["scancel", job], check=True)
+    run = make_run(tmp_path)
+    run.update_state("train", status="running", job_ids=[job])
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        assert main(["status", str(run.root), "--json"]) == 0
+        train = json.loads(capsys.readouterr().out)["stages"][0]
+        if train["scheduler"]:
+            break
+        time.sleep(2)
+    assert train["scheduler"] == f"SLURM job {job} CANCELLED"
