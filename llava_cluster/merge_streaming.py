@@ -8,15 +8,19 @@ shard with a streaming safetensors writer, and keeps the input's sharding, key l
 The arithmetic is PEFT's own (peft 0.21 `lora.Linear.merge` after `PeftModel.from_pretrained`, whose
 `autocast_adapter_dtype` holds A and B in fp32): delta = (B_fp32 @ A_fp32) * scaling, then the in-place
 `weight += delta` in the weight's dtype. The result is bitwise equal to `merge_and_unload()`.
+That add is done as fp32 add + one rounding copy (the same rounding as a mixed-dtype `add_`, about
+1.5x faster on CPU), and the next tensor is merged in a worker thread while this one is written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,7 +274,7 @@ def streaming_merge(
             return read_tensor(lora.projector_path, name).to(t.dtype)
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in lora.pairs:
-            t.add_(lora.delta(module))
+            t.copy_(t.float().add_(lora.delta(module)))
         return t
 
     show = _progress(progress, len(shards))
@@ -285,13 +289,36 @@ def streaming_merge(
                     dt = target if (target is not None and stored.is_floating_point) else stored
                     plan.append((key, dt, piece.get_shape()))
                     total_bytes += _nbytes(dt, piece.get_shape())
-            write_safetensors(tmp / shard, plan, (merged(base / shard, key) for key in keys))
+            write_safetensors(tmp / shard, plan, _ahead(merged(base / shard, key) for key in keys))
             show(shard)
         if (base / INDEX_NAME).is_file():
             index = json.loads((base / INDEX_NAME).read_text())
             index["metadata"] = {**index.get("metadata", {}), "total_size": total_bytes}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         _copy_side_files(base, tmp, dtype)
+
+
+def _ahead(items: Iterable[Any], depth: int = 2) -> Iterable[Any]:
+    """Yield `items`, producing up to `depth` of them in a worker thread ahead of the consumer, so
+    the merge arithmetic (which releases the GIL) overlaps the file writes."""
+    done = object()
+    box: queue.Queue = queue.Queue(maxsize=depth)
+
+    def produce() -> None:
+        try:
+            for item in items:
+                box.put(item)
+        except BaseException as err:  # handed to the consumer, raised there
+            box.put(err)
+        box.put(done)
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    while (item := box.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+    worker.join()
 
 
 def _nbytes(dtype, shape: list[int]) -> int:
