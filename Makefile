@@ -22,8 +22,15 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-lint: setup
+lint: setup lint-docker
 	$(BIN)/ruff check llava_cluster tests benchmarks
+
+# CPU benchmarks, each printing its figures next to a baseline. benchmarks/merge_memory.py (writes a
+# 14 GB checkpoint) and benchmarks/train_throughput.py (GPU) are run by hand: see benchmarks/RESULTS.md.
+bench: setup
+	$(BIN)/python benchmarks/sampler_padding.py
+	$(BIN)/python benchmarks/packing_efficiency.py
+	$(BIN)/python benchmarks/data_check.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
