@@ -8,6 +8,7 @@ import argparse
 import logging
 import signal
 import subprocess
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -18,23 +19,28 @@ from llava_cluster.rundir import PREEMPTED_EXIT, STAGES, STOP_FILE, RunDir, is_r
 FAILED_EXIT = 1
 
 
-def freeze_spec(run: RunDir, spec_file: Path) -> None:
-    """Put a spec into the run directory (rank 0), refusing to silently replace a different one."""
+def freeze_spec(run: RunDir, spec_file: Path, wait_seconds: float = 600) -> None:
+    """Put a spec into the run directory, refusing to silently replace a different one.
+
+    Rank 0 writes it; the other ranks (other pods of a PyTorchJob start at the same moment) wait for
+    it to appear, then check it is the same spec.
+    """
+    from llava_cluster.rundir import atomic_write_text
     from llava_cluster.spec import load_spec
 
     spec = load_spec(spec_file)
-    if run.spec_path.exists():
-        frozen = load_spec(run.spec_path)
-        if frozen.digest() != spec.digest():
-            raise UserError(
-                f"{run.spec_path} already holds a different spec for this run; use a new run name, "
-                "or delete the run directory to start over"
-            )
-        return
-    if is_rank0():
-        from llava_cluster.rundir import atomic_write_text
-
+    if is_rank0() and not run.spec_path.exists():
         atomic_write_text(run.spec_path, spec.to_yaml())
+    deadline = time.monotonic() + wait_seconds
+    while not run.spec_path.exists():
+        if time.monotonic() > deadline:
+            raise UserError(f"waited {wait_seconds:.0f} s for rank 0 to write {run.spec_path}; is rank 0 running?")
+        time.sleep(1)
+    if load_spec(run.spec_path).digest() != spec.digest():
+        raise UserError(
+            f"{run.spec_path} already holds a different spec for this run; use a new run name, "
+            "or delete the run directory to start over"
+        )
 
 
 def _attach_log(run: RunDir, stage: str) -> logging.Handler | None:

@@ -111,3 +111,36 @@ def test_resubmitting_a_different_spec_under_the_same_name_is_refused(tmp_path, 
     freeze(spec, RunDir(spec.run_dir))  # the same spec again: fine
     with pytest.raises(UserError, match="different spec .*optim"):
         freeze(load_spec(path, ["optim.lr=1e-3"]), RunDir(spec.run_dir))
+
+
+def test_stage_spec_freeze_non_rank0_waits_for_rank0(tmp_path, monkeypatch):
+    """Pods of a PyTorchJob start together: a worker must wait for rank 0's spec.yaml, not fail."""
+    import threading
+    import time
+
+    from llava_cluster.rundir import RunDir
+    from llava_cluster.stage import freeze_spec
+
+    spec_file = write(tmp_path)
+    run = RunDir(tmp_path / "runs" / "r1")
+    monkeypatch.setenv("RANK", "1")
+    result: list[BaseException | None] = []
+
+    def worker() -> None:
+        try:
+            freeze_spec(run, spec_file, wait_seconds=30)
+            result.append(None)
+        except BaseException as err:  # reported below
+            result.append(err)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    time.sleep(1.5)
+    assert not result, "the worker gave up before rank 0 wrote the spec"
+    run.spec_path.parent.mkdir(parents=True)
+    run.spec_path.write_text(load_spec(spec_file).to_yaml())
+    thread.join(timeout=10)
+    assert result == [None]
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match="different spec"):
+        freeze_spec(run, write(tmp_path, name="r1", method="qlora", training={"deepspeed": "zero2"}))
