@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import random
 
+from packing_efficiency import anchor_order  # the original LLaVA grouping, shared by the benchmarks
+
 from llava_cluster.data.sampler import ModalityLengthGroupedSampler
 
 
@@ -22,23 +24,6 @@ def synthetic(n: int, seed: int) -> tuple[list[int], list[bool]]:
     lengths = [576 + int(rng.lognormvariate(4.8, 0.8)) % 1400 if img else 30 + int(rng.lognormvariate(5.5, 0.9)) % 1800
                for img in is_image]
     return lengths, is_image
-
-
-def llava_style(lengths: list[int], is_image: list[bool], b: int, w: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    out = []
-    for flag in (True, False):
-        idx = [i for i, img in enumerate(is_image) if img == flag]
-        rng.shuffle(idx)
-        for k in range(0, len(idx), b * w):
-            mega = sorted(idx[k:k + b * w], key=lambda i: -lengths[i])
-            ranks, totals = [[] for _ in range(w)], [0] * w
-            for i in mega:
-                r = min((r for r in range(w) if len(ranks[r]) < b), key=lambda r: totals[r])
-                ranks[r].append(i)
-                totals[r] += lengths[i]
-            out += [i for rank in ranks for i in rank]
-    return out
 
 
 def cost(order: list[int], lengths: list[int], b: int, w: int) -> tuple[float, float]:
@@ -64,7 +49,7 @@ def main() -> None:
         shuffled = list(range(len(lengths)))
         random.Random(0).shuffle(shuffled)
         ours = ModalityLengthGroupedSampler(lengths, is_image, b, w, a, seed=0).order()
-        row = [cost(o, lengths, b, w) for o in (shuffled, llava_style(lengths, is_image, b, w, 0), ours)]
+        row = [cost(o, lengths, b, w) for o in (shuffled, anchor_order(lengths, is_image, b, w, 0), ours)]
         print(f"{f'{b} x {w} x {a}':>22} " + " ".join(f"{eff:>9.1%} (imb {imb:.2f})" for eff, imb in row))
 
 
