@@ -73,11 +73,13 @@ def make_image_set(root: Path, samples: int, seed: int = 0) -> None:
     (root / "images.json").write_text(json.dumps(data))
 
 
+WORKERS = min(8, os.cpu_count() or 1)  # the CLI's default
 _CHECK = """
 import sys, time
 from llava_cluster.data.check import check_file
 t = time.perf_counter()
-r = check_file(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
+r = check_file(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None,
+               workers=int(sys.argv[3]) if len(sys.argv) > 3 else 1)
 print(time.perf_counter() - t, r.samples, len(r.defects))
 """
 _LOAD = """
@@ -128,8 +130,10 @@ def main() -> None:
             (f"{args.samples:,} samples, no images", "data check", mib[mix], measure(_CHECK, str(mix))),
             (f"{args.image_samples:,} samples + PNGs", "json.load (baseline)", mib[images_json],
              measure(_LOAD, str(images_json))),
-            (f"{args.image_samples:,} samples + PNGs", "data check --image-folder", mib[images_json],
-             measure(_CHECK, str(images_json), str(images))),
+            (f"{args.image_samples:,} samples + PNGs", "data check --image-folder --workers 1", mib[images_json],
+             measure(_CHECK, str(images_json), str(images), "1")),
+            (f"{args.image_samples:,} samples + PNGs", f"data check --image-folder --workers {WORKERS}",
+             mib[images_json], measure(_CHECK, str(images_json), str(images), str(WORKERS))),
         ]
     finally:
         if args.keep is None:

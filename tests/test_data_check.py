@@ -347,3 +347,30 @@ def test_data_help_imports_no_torch_and_preview_is_wired(tiny_dir, capsys):
     assert main(["data", "preview", str(tiny_dir.train), "--model", str(tiny_dir.model), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert len(shown["input_ids"]) == len(shown["labels"]) > 0
+
+
+def test_threaded_image_checks_report_exactly_what_one_thread_does(tmp_path, folder, capsys):
+    """--workers N decodes images in threads; the defects, their order and the counts are unchanged."""
+    for i in range(60):
+        Image.new("RGB", (8 + i, 8), (i, 0, 0)).save(folder / f"ok{i}.png")
+    for i in range(0, 60, 7):
+        (folder / f"ok{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # corrupt every 7th
+    samples = []
+    for i in range(300):
+        sample = good(f"s{i}", image=f"ok{i % 60}.png" if i % 11 else f"missing{i}.png")
+        if i % 13 == 0:
+            sample["conversations"][1]["value"] = ""  # a structural defect beside the image ones
+        samples.append(sample)
+    path = write(tmp_path, samples)
+    code1, one = check_json(capsys, path, folder, "--workers", "1")
+    code4, four = check_json(capsys, path, folder, "--workers", "4")
+    assert code1 == code4 == 1
+    assert one["defects"] == four["defects"]
+    kinds = {d["kind"] for d in one["defects"]}
+    assert {"image_corrupt", "image_missing", "empty_value"} <= kinds
+    assert [d["index"] for d in four["defects"]] == sorted(d["index"] for d in four["defects"])
+
+
+def test_workers_must_be_positive(tmp_path, folder, capsys):
+    code, _, err = run_check(capsys, write(tmp_path, [good("a")]), "--image-folder", folder, "--workers", "0")
+    assert code == 2 and "--workers must be at least 1" in err

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import stat
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,18 +68,29 @@ class ImageChecker:
     `verify()` catches broken structure cheaply but not a file cut short, so a full `load()` follows.
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, workers: int = 1) -> None:
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError(f"image folder not found: {folder}", 2)
         self.root = folder.resolve()
-        self.cache: dict[str, tuple[str, str] | None] = {}
+        self.cache: dict[str, Future] = {}
+        # Pillow's decoders release the GIL: threads decode several images at once.
+        self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
 
-    def check(self, rel: str) -> tuple[str, str] | None:
-        """(kind, message) of what is wrong with this image, or None when it is fine."""
+    def submit(self, rel: str) -> Future:
+        """A future of (kind, message) of what is wrong with this image, or None when it is fine."""
         if rel not in self.cache:
-            self.cache[rel] = self._check(rel)
+            if self.pool is not None:
+                self.cache[rel] = self.pool.submit(self._check, rel)
+            else:
+                done: Future = Future()
+                done.set_result(self._check(rel))
+                self.cache[rel] = done
         return self.cache[rel]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
     def _check(self, rel: str) -> tuple[str, str] | None:
         from PIL import Image, UnidentifiedImageError
@@ -159,43 +171,65 @@ def check_file(
     max_length: int = DEFAULT_MAX_LENGTH,
     template: str = "vicuna_v1",
     progress: bool = False,
+    workers: int = 1,
 ) -> CheckReport:
-    """Check every sample of `path`; raises UserError(exit 2) only for unusable input."""
+    """Check every sample of `path`; raises UserError(exit 2) only for unusable input.
+    `workers` > 1 checks images in that many threads."""
     reader = SampleReader(path)
-    images = ImageChecker(image_folder) if image_folder is not None else None
+    images = ImageChecker(image_folder, workers) if image_folder is not None else None
     tokens = TokenChecker(model, max_length, template) if model is not None else None
     report = CheckReport(str(path), str(image_folder) if image_folder is not None else None)
     first_seen: dict[str, int] = {}
-    with _Progress(reader, report, images, enabled=progress) as bar:
-        for record in reader:
-            report.samples += 1
-            if record.error is not None:
-                stop = "; reading stopped here, later samples were not checked" if reader.stopped_early else ""
-                report.defects.append(Defect(record.index, None, "(json)", "invalid_json", record.error + stop))
-                continue
-            sample = record.value
-            found = check_sample(record.index, sample)
-            if isinstance(sample, dict):
-                _count(report, sample)
-                sid = sample_id(sample)
-                if sid is not None:
-                    if sid in first_seen:
-                        found.append(Defect(record.index, sid, "id", "duplicate_id",
-                                            f"id {sid!r} already used by sample {first_seen[sid]}"))
-                    else:
-                        first_seen[sid] = record.index
-                image = sample.get("image")
-                if images is not None and isinstance(image, str) and image.strip() and \
-                        not any(d.field == "image" for d in found):
-                    problem = images.check(image)
-                    if problem is not None:
-                        found.append(Defect(record.index, sid, "image", *problem))
-                if tokens is not None and not any(blocks_encoding(d) for d in found):
-                    long = tokens.check(record.index, sample)
-                    if long is not None:
-                        found.append(long)
+    # Samples wait here, in order, until their image check is done: defects stay in sample order and
+    # at most `window` samples are held, so memory stays flat however long the file is.
+    pending: deque[tuple[list[Defect], int, int, str | None, Future | None]] = deque()
+    window = 64 * max(workers, 1)
+
+    def settle(block: bool) -> None:
+        while pending and (block or len(pending) > window or pending[0][4] is None or pending[0][4].done()):
+            found, at, index, sid, future = pending.popleft()
+            problem = future.result() if future is not None else None
+            if problem is not None:
+                found.insert(at, Defect(index, sid, "image", *problem))
             report.defects.extend(found)
-            bar.advance()
+
+    try:
+        with _Progress(reader, report, images, enabled=progress) as bar:
+            for record in reader:
+                report.samples += 1
+                if record.error is not None:
+                    stop = "; reading stopped here, later samples were not checked" if reader.stopped_early else ""
+                    pending.append(([Defect(record.index, None, "(json)", "invalid_json", record.error + stop)],
+                                    0, record.index, None, None))
+                    settle(block=False)
+                    continue
+                sample = record.value
+                found = check_sample(record.index, sample)
+                sid, future, at = None, None, 0
+                if isinstance(sample, dict):
+                    _count(report, sample)
+                    sid = sample_id(sample)
+                    if sid is not None:
+                        if sid in first_seen:
+                            found.append(Defect(record.index, sid, "id", "duplicate_id",
+                                                f"id {sid!r} already used by sample {first_seen[sid]}"))
+                        else:
+                            first_seen[sid] = record.index
+                    image = sample.get("image")
+                    if images is not None and isinstance(image, str) and image.strip() and \
+                            not any(d.field == "image" for d in found):
+                        future, at = images.submit(image), len(found)
+                    if tokens is not None and not any(blocks_encoding(d) for d in found):
+                        long = tokens.check(record.index, sample)
+                        if long is not None:
+                            found.append(long)
+                pending.append((found, at, record.index, sid, future))
+                settle(block=False)
+                bar.advance()
+            settle(block=True)
+    finally:
+        if images is not None:
+            images.close()
     report.stopped_early = reader.stopped_early
     report.images_checked = len(images.cache) if images is not None else 0
     report.tokens = tokens.finish() if tokens is not None else None
