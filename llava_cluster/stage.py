@@ -22,25 +22,19 @@ FAILED_EXIT = 1
 def freeze_spec(run: RunDir, spec_file: Path, wait_seconds: float = 600) -> None:
     """Put a spec into the run directory, refusing to silently replace a different one.
 
-    Rank 0 writes it; the other ranks (other pods of a PyTorchJob start at the same moment) wait for
-    it to appear, then check it is the same spec.
+    Rank 0 writes it (as `submit` does); the other ranks (other pods of a PyTorchJob start at the
+    same moment) wait for it to appear, then check it is the same spec.
     """
-    from llava_cluster.rundir import atomic_write_text
     from llava_cluster.spec import load_spec
+    from llava_cluster.submit import freeze
 
     spec = load_spec(spec_file)
-    if is_rank0() and not run.spec_path.exists():
-        atomic_write_text(run.spec_path, spec.to_yaml())
     deadline = time.monotonic() + wait_seconds
-    while not run.spec_path.exists():
+    while not is_rank0() and not run.spec_path.exists():
         if time.monotonic() > deadline:
             raise UserError(f"waited {wait_seconds:.0f} s for rank 0 to write {run.spec_path}; is rank 0 running?")
         time.sleep(1)
-    if load_spec(run.spec_path).digest() != spec.digest():
-        raise UserError(
-            f"{run.spec_path} already holds a different spec for this run; use a new run name, "
-            "or delete the run directory to start over"
-        )
+    freeze(spec, run)
 
 
 def _attach_log(run: RunDir, stage: str) -> logging.Handler | None:
