@@ -5,7 +5,12 @@ The base is explicit — from the adapter's metadata, or `--base` — never gues
 QLoRA adapters merge into the unquantized base by default (the usual deployment target); with
 `--into dequantized` they merge into the 4-bit weights dequantized, which reproduces the model that
 was trained exactly, quantization error included. `--verify` compares the merged model's logits with
-base + adapter on a probe batch and refuses to write the output above tolerance.
+base + adapter on a probe batch and refuses to write the output above tolerance; a streaming merge
+is verified tensor by tensor instead (`merge_check.py`), so the check never needs both models whole.
+The merge record (`llava_cluster_merge.json`) says which check ran.
+
+The output dtype defaults to the base's stored dtype (llava-hf checkpoints are fp16): a merge never
+rounds the base's weights to another precision unless asked.
 """
 
 from __future__ import annotations
@@ -36,8 +41,30 @@ class MergeResult:
     method: str
     template: str
     streaming: bool
+    verification: str = "none"  # "logits" (in memory), "tensors" (streaming) or "none"
     max_abs_diff: float | None = None
     rel_diff: float | None = None
+
+
+def stored_dtype(base: str | Path) -> str:
+    """bf16|fp16|fp32: the dtype most of the base's floating weights are stored in (safetensors headers)."""
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    from llava_cluster.merge_streaming import shard_files
+
+    names = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+    count: Counter[str] = Counter()
+    for shard, keys in shard_files(Path(base)).items():
+        with safe_open(Path(base) / shard, "pt") as fh:
+            for key in keys:
+                piece = fh.get_slice(key)
+                if piece.get_dtype() in names:
+                    count[names[piece.get_dtype()]] += 1
+    if not count:
+        raise UserError(f"{base}: no floating-point weights found; pass --dtype bf16|fp16|fp32")
+    return count.most_common(1)[0][0]
 
 
 def _torch_dtype(name: str) -> Any:
@@ -54,7 +81,7 @@ def _logits(model: Any, batch: dict[str, Any]) -> Any:
 
 
 def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None = None, into: str = "base",
-                  dtype: str = "bf16", verify: bool = True, streaming: bool | None = None) -> MergeResult:
+                  dtype: str | None = None, verify: bool = True, streaming: bool | None = None) -> MergeResult:
     from llava_cluster.train.artifacts import apply_projector, check_artifacts, read_metadata
 
     adapter = check_artifacts(adapter)
@@ -65,6 +92,12 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
     if into == "dequantized" and meta.get("method") not in ("qlora", None):
         raise UserError("--into dequantized is for QLoRA adapters; this one was trained with "
                         f"method={meta.get('method')}")
+    if not (Path(base) / "config.json").is_file():
+        raise UserError(f"base model {base} not found (no config.json there): pass --base DIR")
+    if dtype is None:
+        dtype = stored_dtype(base)
+        err_console.print(f"output dtype {dtype}: the base's stored dtype (--dtype or merge.dtype to change)",
+                          highlight=False)
     result = MergeResult(out=str(out), base=base, adapter=str(adapter), into=into, dtype=dtype,
                          method=meta.get("method", "lora"), template=meta.get("template", "vicuna_v1"),
                          streaming=False)
@@ -77,9 +110,14 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
             raise UserError("--streaming merges into the unquantized base only (drop --into dequantized)")
         from llava_cluster.merge_streaming import streaming_merge
 
-        streaming_merge(Path(base), adapter, Path(out), dtype=dtype)
         result.streaming = True
-        atomic_write_json(Path(out) / MERGE_INFO, asdict(result))
+
+        def record(folder: Path) -> None:
+            if verify:
+                _verify_streamed(result, folder)
+            atomic_write_json(folder / MERGE_INFO, asdict(result))
+
+        streaming_merge(Path(base), adapter, Path(out), dtype=dtype, check=record)
         return result
 
     from peft import PeftModel
@@ -106,6 +144,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
         if verify:
             reloaded = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=_torch_dtype(dtype)).eval()
             diff = (_logits(reloaded, batch) - reference)
+            result.verification = "logits"
             result.max_abs_diff = float(diff.abs().max())
             result.rel_diff = float(diff.norm() / reference.norm().clamp_min(1e-12))
             if result.rel_diff > TOLERANCE[dtype]:
@@ -117,6 +156,18 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
     return result
 
 
+def _verify_streamed(result: MergeResult, folder: Path) -> None:
+    """Check the streamed output in `folder` tensor by tensor, before it replaces `result.out`."""
+    from llava_cluster.merge_check import verify_streamed
+
+    check = verify_streamed(Path(result.base), Path(result.adapter), folder, TOLERANCE[result.dtype])
+    if check.mismatch:
+        raise UserError(f"merge verification failed: {check.mismatch} (tolerance {TOLERANCE[result.dtype]:.0e} "
+                        f"for {result.dtype}); nothing was written to {result.out}", exit_code=1)
+    result.verification = "tensors"
+    result.max_abs_diff, result.rel_diff = check.max_abs_diff, check.rel_diff
+
+
 def read_merge_info(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / MERGE_INFO
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -124,8 +175,13 @@ def read_merge_info(model_dir: str | Path) -> dict[str, Any]:
 
 def _report(result: MergeResult) -> None:
     line = f"merged {result.adapter} into {result.base} ({result.into}, {result.dtype}) -> {result.out}"
-    if result.rel_diff is not None:
+    if result.verification == "logits":
         line += f"\nverified: relative logit difference {result.rel_diff:.2e}, max |Δ| {result.max_abs_diff:.2e}"
+    elif result.verification == "tensors":
+        line += (f"\nverified tensor by tensor: worst relative probe difference {result.rel_diff:.2e}, "
+                 f"max |Δ| {result.max_abs_diff:.2e}")
+    else:
+        line += "\nnot verified (pass --verify to compare against base + adapter)"
     err_console.print(line, highlight=False)
 
 
@@ -149,7 +205,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", type=Path, default=None, help="base model (default: recorded in the adapter)")
     parser.add_argument("--into", choices=("base", "dequantized"), default="base",
                         help="QLoRA: merge into the unquantized base (default) or the dequantized 4-bit weights")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights of the output")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                        help="weights of the output (default: the base's stored dtype)")
     parser.add_argument("--verify", action="store_true", help="compare merged vs base+adapter logits, fail above tolerance")
     parser.add_argument("--streaming", action="store_true", default=None,
                         help="merge one safetensors shard at a time (default: when the model would not fit in RAM)")

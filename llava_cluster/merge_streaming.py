@@ -228,12 +228,14 @@ def _memory_names_of(base: Path) -> set[str]:
 
 
 def streaming_merge(
-    base: Path, adapter: Path, out: Path, dtype: str | None = None, progress: bool = True
+    base: Path, adapter: Path, out: Path, dtype: str | None = None, progress: bool = True,
+    check: Callable[[Path], None] | None = None,
 ) -> None:
     """Write base + LoRA (+ the trained projector) to `out` as a standard HF checkpoint.
 
     `dtype` (bf16|fp16|fp32) casts every floating tensor first, like `from_pretrained(dtype=...)`;
-    None keeps each tensor's stored dtype. `out` appears atomically, complete or not at all.
+    None keeps each tensor's stored dtype. `check(folder)` runs on the finished output before it
+    replaces `out`; if it raises, `out` is left as it was. `out` appears atomically, complete or not at all.
     """
     import torch
     from safetensors import safe_open
@@ -296,6 +298,8 @@ def streaming_merge(
             index["metadata"] = {**index.get("metadata", {}), "total_size": total_bytes}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         _copy_side_files(base, tmp, dtype)
+        if check is not None:
+            check(tmp)
 
 
 def _ahead(items: Iterable[Any], depth: int = 2) -> Iterable[Any]:

@@ -288,9 +288,14 @@ def plan(spec: Any, model_shape: str | None = None, gpu_memory: float | None = N
     if model_shape:
         shape, source = PRESETS[model_shape], f"preset {model_shape}"
     else:
+        from llava_cluster.preflight import model_problems
+
         cfg_path = Path(spec.model.base) / "config.json"
         if not cfg_path.is_file():
             raise UserError(f"model.base: {cfg_path} not found; plan without a checkpoint with --model-shape 7b|13b")
+        refused = model_problems(spec)
+        if refused:
+            raise UserError("; ".join(refused))
         shape, source = shape_from_config(json.loads(cfg_path.read_text())), str(cfg_path)
     setup = setup_from_spec(spec)
     if zero is not None:

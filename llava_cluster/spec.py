@@ -140,7 +140,7 @@ class K8sSpec(_Section):
 class MergeSpec(_Section):
     into: Literal["base", "dequantized"] = "base"
     verify: bool = True
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    dtype: Literal["bf16", "fp16", "fp32"] | None = Field(None, description="merged weights (default: the base's)")
 
 
 class ValidationSpec(_Section):

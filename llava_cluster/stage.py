@@ -101,10 +101,16 @@ def run_stage(stage: str, run_dir: Path, spec_file: Path | None = None) -> int:
     if not run.spec_path.is_file():
         raise UserError(f"{run.root} has no spec.yaml: submit the run first (llava-cluster submit SPEC)")
     if stage == "train":
+        from llava_cluster.preflight import preflight
+        from llava_cluster.spec import load_spec
+
+        try:
+            preflight(load_spec(run.spec_path), run_name=False, what="starting the ranks")
+        except UserError as err:
+            run.mark_done(stage, error=err.message)
+            raise
         ranks = rank_env()
         if ranks is None:
-            from llava_cluster.spec import load_spec
-
             launch = node_launch(load_spec(run.spec_path).resources.gpus_per_node)
             if launch.world_size > 1:
                 return _run_ranks_under_torchrun(run, stage, launch)

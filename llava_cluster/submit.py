@@ -10,26 +10,33 @@ from pathlib import Path
 
 from llava_cluster.console import console, err_console
 from llava_cluster.errors import UserError
+from llava_cluster.preflight import preflight
 from llava_cluster.rundir import STAGES, RunDir, atomic_write_text, is_rank0
-from llava_cluster.spec import RunSpec, check_inputs_exist, load_spec
+from llava_cluster.spec import RunSpec, load_spec
 
 BACKENDS = {"local": "llava_cluster.launch.local", "slurm": "llava_cluster.launch.slurm",
             "k8s": "llava_cluster.launch.k8s"}
 
 
+def frozen_spec_conflict(spec: RunSpec, run: RunDir) -> str | None:
+    """Why `spec` cannot be frozen into `run` (a different spec is there already), or None."""
+    if not run.spec_path.exists():
+        return None
+    frozen = load_spec(run.spec_path)
+    if frozen.digest() == spec.digest():
+        return None
+    old, new = frozen.to_dict(), spec.to_dict()
+    changed = sorted(k for k in new if old.get(k) != new.get(k))
+    return (f"{run.root} already holds run {spec.name!r} with a different spec (sections differing: "
+            f"{', '.join(changed)}); pick a new name, or delete that run directory to start over")
+
+
 def freeze(spec: RunSpec, run: RunDir) -> None:
     """Write spec.yaml once; a different spec under the same run name is refused, not overwritten."""
-    if run.spec_path.exists():
-        frozen = load_spec(run.spec_path)
-        if frozen.digest() != spec.digest():
-            old, new = frozen.to_dict(), spec.to_dict()
-            changed = sorted(k for k in new if old.get(k) != new.get(k))
-            raise UserError(
-                f"{run.root} already holds run {spec.name!r} with a different spec (sections differing: "
-                f"{', '.join(changed)}); pick a new name, or delete that run directory to start over"
-            )
-        return
-    if is_rank0():
+    conflict = frozen_spec_conflict(spec, run)
+    if conflict:
+        raise UserError(conflict)
+    if not run.spec_path.exists() and is_rank0():
         atomic_write_text(run.spec_path, spec.to_yaml())
 
 
@@ -42,15 +49,12 @@ def submit(spec_path: Path, overrides: list[str], backend: str, dry_run: bool,
            only: tuple[str, ...] = STAGES) -> int:
     spec = load_spec(spec_path, overrides)
     run = RunDir(spec.run_dir)
-    if backend == "k8s":
-        stages = [s for s in STAGES if s != "validate" or spec.data.eval]  # the PVC is not visible from here
+    if backend == "k8s" and not Path(spec.model.base).exists():
+        # the inputs live on the cluster's volume: the train stage checks them before its ranks start
+        err_console.print("inputs are not visible from here (cluster volume): checked in the pod before training")
+        stages = [s for s in STAGES if s != "validate" or spec.data.eval]
     else:
-        try:
-            check_inputs_exist(spec)
-        except UserError as err:
-            if not dry_run:
-                raise
-            err_console.print(f"[yellow]warning:[/] {err.message} (a real submit stops here)")
+        preflight(spec, what="submitting" if not dry_run else "submitting (dry run: a real submit stops here too)")
         if not dry_run:
             freeze(spec, run)
         stages = pending_stages(spec, run)

@@ -1,0 +1,149 @@
+"""Refuse early: everything about a run that can be checked from the submitting machine, checked
+before a job is queued (`submit`, `submit --dry-run`, `plan`) and again by the train stage before it
+starts its ranks.
+
+A refusal an hour into a queue wait, on every rank under a torchrun traceback, is what this saves.
+`plan` runs the model checks only (it reads no data). The checks are cheap (config and tokenizer files, one pass over the data files without images, the
+first few images), and every problem found is reported at once, each naming its field and file:
+
+  model       config.json is a supported LLaVA (model_type and architecture, exact list below)
+  tokenizer   the base's tokenizer holds `<image>` as one token, and the template's end-of-turn
+              string is in its vocabulary (else every reply would be supervised without an end)
+  data        data.train / data.eval parse, hold samples, and the first image paths resolve to
+              readable images inside data.image_folder
+  run name    the run directory is free or holds the same spec
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from llava_cluster.errors import UserError
+from llava_cluster.spec import RunSpec
+
+# model_type -> the architecture llava-cluster trains; the only bases the product accepts.
+SUPPORTED_MODELS = {"llava": "LlavaForConditionalGeneration"}
+IMAGES_CHECKED = 16  # first image paths of each data file that must resolve before a job is queued
+
+
+def model_problems(spec: RunSpec) -> list[str]:
+    from llava_cluster.model.load import read_llava_config
+
+    try:
+        config = read_llava_config(spec.model.base)
+    except UserError as err:
+        return [f"model.base: {err.message}"]
+    wanted = SUPPORTED_MODELS[config["model_type"]]
+    archs = config.get("architectures") or [wanted]
+    if wanted not in archs:
+        return [f"model.base: {spec.model.base}/config.json names architectures {archs}; llava-cluster "
+                f"fine-tunes {', '.join(f'{a} (model_type {t!r})' for t, a in SUPPORTED_MODELS.items())} only"]
+    return []
+
+
+def _problems_of_tokenizer(spec: RunSpec) -> list[str]:
+    from transformers import AutoTokenizer
+
+    from llava_cluster.data.encode import image_token_id
+    from llava_cluster.data.templates import get_template
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.model.base)
+    except Exception as err:  # transformers raises many types for a missing or broken tokenizer
+        return [f"model.base: no usable tokenizer in {spec.model.base} ({type(err).__name__}: {err})"]
+    problems = []
+    try:
+        image_token_id(tokenizer)
+    except UserError as err:
+        problems.append(f"model.base: {err.message}")
+    template = get_template(spec.model.template)
+    eot = template.eot.strip()
+    if eot:
+        ids = tokenizer(eot, add_special_tokens=False)["input_ids"]
+        special = eot.startswith("<") and eot.endswith(">")
+        if tokenizer.unk_token_id in ids or (special and len(ids) != 1):
+            problems.append(
+                f"model.template: {template.name!r} ends each reply with {eot!r}, which the tokenizer of "
+                f"{spec.model.base} does not have as a token (it becomes {ids}); pick the template of this model")
+    return problems
+
+
+def _problems_of_data(key: str, path: str, image_folder: str | None) -> list[str]:
+    from llava_cluster.data.check import ImageChecker
+    from llava_cluster.data.reader import SampleReader
+
+    try:
+        reader = SampleReader(path)
+        records = iter(reader)
+        first = list(itertools.islice(records, 1))
+    except UserError as err:
+        return [f"{key}: {err.message}"]
+    problems: list[str] = []
+    images: list[tuple[int, str]] = []
+    count = 0
+    for record in itertools.chain(first, records):
+        if record.error:
+            problems.append(f"{key}: {path} sample {record.index}: {record.error} "
+                            f"(`llava-cluster data check {path}` lists every defect)")
+            break
+        count += 1
+        value = record.value
+        if isinstance(value, dict) and value.get("image") and len(images) < IMAGES_CHECKED:
+            images.append((record.index, str(value["image"])))
+    if not problems and count == 0:
+        problems.append(f"{key}: {path} holds no samples")
+    if images and not image_folder:
+        problems.append(f"data.image_folder: {key} has image samples (sample {images[0][0]}: "
+                        f"{images[0][1]!r}) but no image folder is set")
+    elif images:
+        checker = ImageChecker(image_folder)
+        try:
+            for index, rel in images:
+                found = checker.submit(rel).result()
+                if found:
+                    problems.append(f"{key}: sample {index}: {found[1]} (data.image_folder {image_folder})")
+                    break
+        finally:
+            checker.close()
+    return problems
+
+
+def _problems_of_run_name(spec: RunSpec) -> list[str]:
+    from llava_cluster.rundir import RunDir
+    from llava_cluster.submit import frozen_spec_conflict
+
+    conflict = frozen_spec_conflict(spec, RunDir(spec.run_dir))
+    return [f"name: {conflict}"] if conflict else []
+
+
+def _problems_of_inputs(spec: RunSpec) -> list[str]:
+    problems = []
+    if spec.data.image_folder and not Path(spec.data.image_folder).is_dir():
+        problems.append(f"data.image_folder: folder not found: {spec.data.image_folder}")
+    if spec.training.deepspeed.endswith(".json") and not Path(spec.training.deepspeed).is_file():
+        problems.append(f"training.deepspeed: file not found: {spec.training.deepspeed}")
+    return problems
+
+
+def problems(spec: RunSpec, *, run_name: bool = True) -> list[str]:
+    """Every problem found, one line each, naming the spec field it concerns."""
+    found = model_problems(spec) + _problems_of_inputs(spec)
+    if not found:  # a tokenizer is only worth loading from a base that is a LLaVA
+        found += _problems_of_tokenizer(spec)
+    folder = spec.data.image_folder if spec.data.image_folder and Path(spec.data.image_folder).is_dir() else None
+    found += _problems_of_data("data.train", spec.data.train, folder)
+    if spec.data.eval:
+        found += _problems_of_data("data.eval", spec.data.eval, folder)
+    if run_name:
+        found += _problems_of_run_name(spec)
+    return found
+
+
+def preflight(spec: RunSpec, *, run_name: bool = True, what: str = "submitting") -> None:
+    """Raise one UserError listing every problem; return quietly when the run can start."""
+    found = problems(spec, run_name=run_name)
+    if found:
+        lines = "\n".join(f"  {p}" for p in found)
+        raise UserError(f"run {spec.name!r} cannot start ({len(found)} problem(s) found before {what}):\n{lines}")
+

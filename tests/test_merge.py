@@ -1,0 +1,103 @@
+"""merge: the output keeps the base's stored dtype unless told otherwise, and `--verify` always runs a
+check — logits in memory, tensor by tensor when streaming — and the merge record says which."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_streaming_merge import make_adapter
+
+from llava_cluster import merge
+from llava_cluster.cli import main
+from llava_cluster.errors import UserError
+from llava_cluster.merge import MERGE_INFO, merge_adapter, read_merge_info, stored_dtype
+from llava_cluster.merge_check import verify_streamed
+from llava_cluster.merge_streaming import Adapter, streaming_merge
+
+
+def stored_dtypes(folder: Path) -> set[str]:
+    found = set()
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as fh:
+            found |= {fh.get_slice(k).get_dtype() for k in fh.keys()}
+    return found
+
+
+@pytest.fixture(scope="module")
+def fp16_base(tiny_dir, tmp_path_factory) -> Path:
+    """The tiny base saved as llava-hf ships its checkpoints: fp16."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    out = tmp_path_factory.mktemp("fp16-base")
+    LlavaForConditionalGeneration.from_pretrained(tiny_dir.model, dtype=torch.float16).save_pretrained(out)
+    AutoProcessor.from_pretrained(tiny_dir.model).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("adapter")
+    make_adapter(tiny_dir.model, out)
+    return out
+
+
+def test_stored_dtype_reads_the_weights(tiny_dir, fp16_base):
+    assert stored_dtype(tiny_dir.model) == "fp32"
+    assert stored_dtype(fp16_base) == "fp16"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_output_dtype_defaults_to_the_base_stored_dtype(fp16_base, adapter, tmp_path, streaming):
+    result = merge_adapter(adapter, tmp_path / "merged", base=fp16_base, verify=True, streaming=streaming)
+    assert result.dtype == "fp16"
+    assert stored_dtypes(tmp_path / "merged") == {"F16"}
+
+
+def test_fp32_base_merges_in_fp32_and_matches_base_plus_adapter(tiny_dir, adapter, tmp_path):
+    """Before, a fp32 base was merged into bf16 unless --dtype was given (4e-2 off in the logits)."""
+    result = merge_adapter(adapter, tmp_path / "merged", base=tiny_dir.model, verify=True, streaming=False)
+    assert (result.dtype, result.verification) == ("fp32", "logits")
+    assert result.rel_diff < 1e-5
+    assert read_merge_info(tmp_path / "merged")["verification"] == "logits"
+
+
+def test_streaming_verify_checks_every_tensor_and_records_it(tiny_dir, adapter, tmp_path, capsys):
+    out = tmp_path / "merged"
+    code = main(["merge", "--adapter", str(adapter), "--base", str(tiny_dir.model), "--out", str(out),
+                 "--streaming", "--verify", "--json"])
+    assert code == 0
+    record = json.loads((out / MERGE_INFO).read_text())
+    assert record["streaming"] is True and record["verification"] == "tensors"
+    assert 0 < record["rel_diff"] < 1e-5, "fp32 merge: the probe outputs agree to rounding"
+    assert main(["merge", "--adapter", str(adapter), "--base", str(tiny_dir.model), "--out", str(tmp_path / "plain"),
+                 "--streaming"]) == 0
+    assert read_merge_info(tmp_path / "plain")["verification"] == "none"
+    assert "not verified" in capsys.readouterr().err
+
+
+def test_tensor_check_catches_a_wrong_merge(tiny_dir, adapter, tmp_path):
+    """An output merged with another adapter (twice the scaling) fails on its first LoRA weight."""
+    other = tmp_path / "other-adapter"
+    make_adapter(tiny_dir.model, other, alpha=16.0)
+    streaming_merge(tiny_dir.model, other, tmp_path / "wrong", dtype="fp32", progress=False)
+    check = verify_streamed(tiny_dir.model, adapter, tmp_path / "wrong", tolerance=1e-5)
+    assert check.mismatch and "probe output differs" in check.mismatch
+    assert "language_model" in check.mismatch and ("proj" in check.mismatch)
+    good = verify_streamed(tiny_dir.model, other, tmp_path / "wrong", tolerance=1e-5)
+    assert good.mismatch is None
+    assert good.lora_weights == len(Adapter(other).pairs) > 0 and good.checked > good.lora_weights
+
+
+def test_failed_streaming_verification_keeps_the_previous_output(tiny_dir, adapter, tmp_path, monkeypatch):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "earlier.txt").write_text("an earlier merge")
+    monkeypatch.setitem(merge.TOLERANCE, "fp32", 0.0)  # nothing passes a zero tolerance
+    with pytest.raises(UserError, match="verification failed.*nothing was written"):
+        merge_adapter(adapter, out, base=tiny_dir.model, verify=True, streaming=True)
+    assert [p.name for p in out.iterdir()] == ["earlier.txt"]
+    assert not list(tmp_path.glob(".tmp-*")), "the temp folder is cleaned up"

@@ -1,0 +1,152 @@
+"""Preflight: what the submitting machine can check is checked before a job is queued, and by the
+train stage before it starts its ranks. Each refusal names the field and the file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llava_cluster.cli import main
+from llava_cluster.errors import UserError
+from llava_cluster.preflight import preflight, problems
+from llava_cluster.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_spec(tmp: Path, tiny, **sections) -> Path:
+    spec = {"name": "pre", "storage": str(tmp / "storage"),
+            "model": {"base": str(tiny.model)},
+            "data": {"train": str(tiny.train), "eval": str(tiny.val), "image_folder": str(tiny.images)},
+            "resources": {"gpus_per_node": 1}}
+    for key, value in sections.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    path = tmp / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def model_copy(tmp: Path, tiny, **config_changes) -> Path:
+    folder = tmp / "base"
+    shutil.copytree(tiny.model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(config_changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_good_spec_passes(tmp_path, tiny_dir):
+    assert problems(load_spec(write_spec(tmp_path, tiny_dir))) == []
+
+
+def test_llava_next_base_is_refused_by_submit_dry_run_and_plan(tmp_path, tiny_dir, capsys):
+    base = model_copy(tmp_path, tiny_dir, model_type="llava_next",
+                      architectures=["LlavaNextForConditionalGeneration"])
+    path = write_spec(tmp_path, tiny_dir, model={"base": str(base)})
+    assert main(["submit", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "model.base" in err and "'llava_next'" in err and "LlavaForConditionalGeneration" in err
+    assert main(["submit", str(path), "--backend", "slurm", "--dry-run"]) == 2
+    assert main(["plan", str(path)]) == 2
+    assert "'llava_next'" in capsys.readouterr().err
+    assert not (tmp_path / "storage").exists(), "a refused submit must write nothing"
+
+
+def test_plain_llama_base_and_foreign_architecture_are_refused(tmp_path, tiny_dir):
+    llama = model_copy(tmp_path, tiny_dir, model_type="llama", architectures=["LlamaForCausalLM"])
+    found = problems(load_spec(write_spec(tmp_path, tiny_dir, model={"base": str(llama)})))
+    assert len(found) == 1 and found[0].startswith("model.base:") and "'llama'" in found[0]
+    shutil.rmtree(llama)
+    odd = model_copy(tmp_path, tiny_dir, architectures=["LlavaForSomethingElse"])
+    found = problems(load_spec(write_spec(tmp_path, tiny_dir, model={"base": str(odd)})))
+    assert found and "LlavaForSomethingElse" in found[0]
+
+
+def test_image_folder_holding_other_files_is_refused_naming_the_sample(tmp_path, tiny_dir):
+    other = tmp_path / "other-images"
+    other.mkdir()
+    (other / "readme.txt").write_text("not the images")
+    found = problems(load_spec(write_spec(tmp_path, tiny_dir, data={"image_folder": str(other)})))
+    assert [p.split(":")[0] for p in found] == ["data.train", "data.eval"]
+    assert "sample 0" in found[0] and "not found" in found[0]
+
+
+def without_token(tmp: Path, tiny, token: str) -> Path:
+    """A copy of the tiny base whose tokenizer lacks `token` (as a base from another family would)."""
+    base = model_copy(tmp, tiny)
+    tok = json.loads((base / "tokenizer.json").read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != token]
+    tok["model"]["vocab"].pop(token, None)
+    (base / "tokenizer.json").write_text(json.dumps(tok))
+    config_path = base / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("added_tokens_decoder", "extra_special_tokens", "additional_special_tokens"):
+        config.pop(key, None)
+    config_path.write_text(json.dumps(config))
+    return base
+
+
+def test_template_whose_end_of_turn_is_not_in_the_vocabulary_is_refused(tmp_path, tiny_dir):
+    base = without_token(tmp_path, tiny_dir, "<|im_end|>")
+    found = problems(load_spec(write_spec(tmp_path, tiny_dir, model={"base": str(base), "template": "chatml"})))
+    assert len(found) == 1 and found[0].startswith("model.template:") and "<|im_end|>" in found[0], found
+
+
+def test_tokenizer_without_image_token_is_refused(tmp_path, tiny_dir):
+    base = without_token(tmp_path, tiny_dir, "<image>")
+    found = problems(load_spec(write_spec(tmp_path, tiny_dir, model={"base": str(base)})))
+    assert any(p.startswith("model.base:") and "<image>" in p for p in found), found
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("this is not json", "not JSON"),
+    ("[]", "holds no samples"),
+    ('[{"id": "a", "conversations": []}, {"id": ', "sample 1"),
+])
+def test_train_file_that_does_not_parse_is_refused(tmp_path, tiny_dir, content, expected):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    found = problems(load_spec(write_spec(tmp_path, tiny_dir, data={"train": str(bad)})))
+    assert len(found) == 1 and found[0].startswith("data.train:") and expected in found[0], found
+
+
+def test_dry_run_fails_exactly_when_the_real_submit_would(tmp_path, tiny_dir, capsys):
+    """A different spec under an existing run name: the real submit refuses, so must the dry run."""
+    path = write_spec(tmp_path, tiny_dir)
+    assert main(["submit", str(path), "--backend", "slurm", "--dry-run"]) == 0
+    from llava_cluster.rundir import RunDir
+    from llava_cluster.submit import freeze
+
+    spec = load_spec(path)
+    freeze(spec, RunDir(spec.run_dir))
+    assert main(["submit", str(path), "--backend", "slurm", "--dry-run"]) == 0  # the same spec: fine
+    capsys.readouterr()
+    assert main(["submit", str(path), "optim.lr=1e-3", "--backend", "slurm", "--dry-run"]) == 2
+    assert "different spec" in capsys.readouterr().err
+    with pytest.raises(UserError, match="different spec"):
+        preflight(load_spec(path, ["optim.lr=1e-3"]))
+
+
+def test_train_stage_refuses_before_starting_its_ranks_and_records_why(tmp_path, tiny_dir):
+    """The base was swapped after submit: the stage stops in seconds, not under a torchrun traceback."""
+    from llava_cluster.rundir import RunDir
+    from llava_cluster.submit import freeze
+
+    base = model_copy(tmp_path, tiny_dir)
+    spec = load_spec(write_spec(tmp_path, tiny_dir, model={"base": str(base)}, resources={"gpus_per_node": 2}))
+    run = RunDir(spec.run_dir)
+    freeze(spec, run)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "model_type": "llava_next"}))
+    proc = subprocess.run([sys.executable, "-m", "llava_cluster.cli", "stage", "train", "--run-dir", str(run.root)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "torch.distributed" not in proc.stderr
+    state = run.read_state("train")
+    assert state.status == "failed" and "llava_next" in state.error
