@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from llava_cluster.data.images import ImageFolder, ImageProblem
 from llava_cluster.rundir import atomic_write_bytes, atomic_write_text
 
 MAX_ROWS = 200
@@ -43,19 +44,18 @@ def loss_curve_png(metrics_log: Path) -> bytes | None:
     return buf.getvalue()
 
 
-def _thumbnail(image_folder: Path | None, rel: str | None) -> str:
-    if not rel or image_folder is None:
+def _thumbnail(images: ImageFolder | None, rel: str | None) -> str:
+    if not rel:
         return "<em>text only</em>"
-    from PIL import Image
-
+    if images is None:
+        return f"<em>{html.escape(rel)} (no image folder)</em>"
     try:
-        with Image.open(image_folder / rel) as img:
-            img = img.convert("RGB")
-            img.thumbnail((96, 96))
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-    except OSError:
-        return f"<em>{html.escape(rel)} (unreadable)</em>"
+        img = images.load_rgb(rel)
+    except ImageProblem as problem:
+        return f"<em>{html.escape(problem.message)}</em>"
+    img.thumbnail((96, 96))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
     return f'<img alt="{html.escape(rel)}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
@@ -80,11 +80,12 @@ def write_report(out_dir: Path, metrics: dict[str, Any], rows: list[dict[str, An
     if curve:
         atomic_write_bytes(out_dir / "loss.png", curve)
     has_base = "base" in metrics
+    images = ImageFolder(image_folder) if image_folder is not None and Path(image_folder).is_dir() else None
     head = "<th>image</th><th>prompt</th><th>reference</th>" + ("<th>base</th>" if has_base else "") + "<th>fine-tuned</th>"
     body = []
     for row in rows[:MAX_ROWS]:
         body.append(
-            f"<tr><td>{_thumbnail(image_folder, row.get('image'))}</td><td>{html.escape(row['prompt'])}</td>"
+            f"<tr><td>{_thumbnail(images, row.get('image'))}</td><td>{html.escape(row['prompt'])}</td>"
             f"<td>{html.escape(row['reference'])}</td>{_answer(row, 'base') if has_base else ''}"
             f"{_answer(row, 'finetuned')}</tr>"
         )

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hostile_files import make_special_files, no_hang
 from PIL import Image
 
 from llava_cluster.cli import main
@@ -309,9 +310,68 @@ def test_reader_streams_and_matches_json_load_at_any_chunk_size(tmp_path, monkey
         assert [first.value] + [r.value for r in records] == json.loads(path.read_text())
 
 
+def test_special_files_named_as_images_are_defects_and_never_block(tmp_path, folder, capsys):
+    expected = make_special_files(folder)
+    samples = [good(name, image=name) for name in expected] + [good("nul", image="red\0.png"), good("ok")]
+    for workers in ("1", "3"):
+        with no_hang():
+            code, report = check_json(capsys, write(tmp_path, samples), folder, "--workers", workers)
+        assert code == 1
+        found = {d["id"]: d["kind"] for d in report["defects"]}
+        assert found == {**expected, "nul": "image_path_unsafe"}
+    assert "NUL byte" in next(d["message"] for d in report["defects"] if d["id"] == "nul")
+
+
+def test_hostile_json_lines_are_named_defects_and_checking_goes_on(tmp_path, folder, capsys):
+    lines = ['{"id": "big", "n": ' + "7" * 5000 + "}",
+             "[" * 100_000 + "]" * 100_000,
+             json.dumps(good("sur", image=None)).replace("Say hi", "Say \\ud800 hi"),
+             json.dumps(bad("last", image="gone.png"))]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    code, report = check_json(capsys, path, folder)
+    assert code == 1 and report["samples"] == 4
+    got = [(d["index"], d["id"], d["kind"], d["field"]) for d in report["defects"]]
+    assert got == [(0, None, "invalid_json", "(json)"), (1, None, "invalid_json", "(json)"),
+                   (2, "sur", "invalid_text", "conversations[0].value"), (3, "last", "image_missing", "image")]
+    messages = [d["message"] for d in report["defects"]]
+    assert "an integer of 5,000 digits" in messages[0] and "nested too deeply" in messages[1]
+    assert "lone surrogate \\ud800 at character 4" in messages[2]
+    code, out, err = run_check(capsys, path, "--image-folder", folder)  # the rich report prints it too
+    assert code == 1 and "invalid_text" in out and "Traceback" not in out + err
+
+
+def test_hostile_json_list_items_are_named_defects(tmp_path, folder, capsys):
+    text = json.dumps([good("a"), {"id": "big", "n": 1}, good("s", image=None), good("d")])
+    text = text.replace('"n": 1', '"n": ' + "-" + "9" * 4400).replace("Say hi", "\\udfff")
+    path = tmp_path / "data.json"
+    path.write_text(text)
+    code, report = check_json(capsys, path, folder)
+    assert code == 1 and report["samples"] == 4 and not report["stopped_early"]
+    assert [(d["index"], d["kind"]) for d in report["defects"]] == [(1, "invalid_json"), (2, "invalid_text")]
+    assert report["defects"][0]["message"].startswith("line 1 column ")
+
+    path.write_text(json.dumps([good("a"), "NEST", good("b")]).replace('"NEST"', "[" * 50_000 + "]" * 50_000))
+    code, report = check_json(capsys, path, folder)
+    assert code == 1 and report["stopped_early"]
+    assert [(d["index"], d["kind"]) for d in report["defects"]] == [(1, "invalid_json")]
+    assert "nested too deeply" in report["defects"][0]["message"]
+
+
+def test_unencodable_text_is_a_defect_and_not_tokenized(tiny_dir, tmp_path, capsys):
+    sample = {"id": "s\ud800", "conversations": turns("Say \udc80 hi", "red")}
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(sample) + "\n" + json.dumps(good("plain", image=None)) + "\n")
+    code, report = check_json(capsys, path, None, "--model", str(tiny_dir.model))
+    assert code == 1
+    assert [(d["id"], d["kind"], d["field"]) for d in report["defects"]] == [("s\ud800", "invalid_text", "id")]
+    assert report["tokens"]["longest"] > 0  # the plain sample was measured
+
+
 def test_every_kind_is_documented():
     kinds = {c[0] for c in CASES} | {"duplicate_id", "invalid_json", "not_an_object", "image_empty",
-                                    "image_unreadable", "image_corrupt", "too_long", "first_round_too_long"}
+                                    "image_unreadable", "image_corrupt", "too_long", "first_round_too_long",
+                                    "invalid_text", "image_too_large"}
     assert kinds == set(DEFECT_KINDS)
 
 

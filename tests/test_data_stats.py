@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hostile_files import make_special_files, no_hang
 from PIL import Image
 
 from llava_cluster.cli import main
@@ -95,3 +96,32 @@ def test_human_output_and_bad_input(tmp_path, capsys):
     assert "image width (px)" in out and "malformed" in out and "pass --model" in out
     assert main(["data", "stats", str(tmp_path / "absent.json")]) == 2
     assert "data file not found" in capsys.readouterr().err
+
+
+def test_images_outside_the_folder_or_special_are_unreadable_never_measured(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (50, 60)).save(images / "ok.png")
+    Image.new("RGB", (999, 999)).save(tmp_path / "outside.png")  # readable, but not ours to open
+    special = sorted(make_special_files(images))
+    names = ["ok.png", "../outside.png", str(tmp_path / "outside.png"), *special]
+    samples = [{"id": str(i), "image": name, "conversations": turns("<image>\nq", "a")} for i, name in enumerate(names)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(samples))
+    with no_hang():
+        code, stats = stats_json(capsys, path, "--image-folder", images, "--image-sample", "0")
+    assert code == 0
+    img = stats["images"]
+    assert (img["measured"], img["unreadable"]) == (1, len(names) - 1)
+    assert img["width"]["max"] == 50 and img["height"]["max"] == 60
+
+
+def test_hostile_records_are_malformed_not_a_crash(tiny_dir, tmp_path, capsys):
+    good = {"id": "g", "conversations": turns("hello", "a")}
+    lines = [json.dumps(good), json.dumps({"id": "s", "conversations": turns("bad \ud800", "a")}),
+             '{"id": "n", "x": ' + "1" * 5000 + "}", "[" * 5000 + "]" * 5000]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    code, stats = stats_json(capsys, path, "--model", tiny_dir.model)
+    assert code == 0 and (stats["samples"], stats["malformed"]) == (4, 3)
+    assert stats["tokens"]["all"]["max"] > 0

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from hostile_files import make_special_files, no_hang
 from PIL import Image
 
 from llava_cluster.data.collator import LlavaCollator
@@ -128,3 +129,27 @@ def test_collated_mixed_batch_trains_the_tiny_model(tiny_dir, dataset, processor
 def test_collator_needs_a_pad_id():
     with pytest.raises(ValueError, match="pad token"):
         LlavaCollator(None)
+
+
+@pytest.mark.parametrize("name", ["escape.png", "bomb.png", "fifo.png", "loop-a.png", "zero.png"])
+def test_training_refuses_images_the_checker_refuses_and_names_the_sample(tmp_path, processor, name):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    expected = make_special_files(folder)
+    sample = {"id": "hostile-1", "image": name, "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(sample) + "\n")
+    ds = LazySupervisedDataset(tmp_path / "d.jsonl", folder, processor, TEMPLATES["vicuna_v1"], 256)
+    with no_hang(), pytest.raises(UserError) as err:
+        ds[0]
+    assert "sample hostile-1" in err.value.message and name in err.value.message
+    want = {"image_path_unsafe": "outside the image folder", "image_too_large": "more than the limit",
+            "image_unreadable": ""}[expected[name]]
+    assert want in err.value.message
+
+
+def test_unencodable_text_is_refused_at_start_naming_the_sample(tmp_path, processor):
+    sample = {"id": "s1", "conversations": [{"from": "human", "value": "hi \ud800"}, {"from": "gpt", "value": "x"}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(sample) + "\n")
+    with pytest.raises(UserError, match=r"sample #0 conversations\[0\]\.value: a lone surrogate"):
+        LazySupervisedDataset(tmp_path / "d.jsonl", None, processor, TEMPLATES["vicuna_v1"], 256)

@@ -74,3 +74,17 @@ def test_missing_model_dir_is_a_clear_error(tiny_dir, tmp_path, capsys):
     rc = main(["data", "preview", str(tiny_dir.train), "--model", str(tmp_path / "nope")])
     err = capsys.readouterr().err
     assert rc == 2 and "does not exist" in err
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"id": "s", "conversations": [{"from": "human", "value": "hi \\ud800"}, {"from": "gpt", "value": "a"}]}',
+     r"sample #0 has bad text in conversations[0].value: a lone surrogate \ud800"),
+    ('{"id": "n", "x": ' + "1" * 5000 + "}", "sample #0 is not valid JSON: line 1: an integer of 5,000 digits"),
+    ('{"x": ' + "[" * 5000 + "]" * 5000 + "}", "sample #0 is not valid JSON: line 1: the sample is nested too deeply"),
+])
+def test_hostile_records_are_a_clear_error(tiny_dir, tmp_path, capsys, line, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(line + "\n")
+    rc = main(["data", "preview", str(path), "--model", str(tiny_dir.model)])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in " ".join(err.split()) and "Traceback" not in err

@@ -7,14 +7,13 @@ the image is expanded — the samples that training would silently truncate or t
 
 from __future__ import annotations
 
-import os
-import stat
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llava_cluster.data.images import ImageFolder, ImageProblem
 from llava_cluster.data.reader import SampleReader
 from llava_cluster.data.schema import DEFECT_KINDS, Defect, blocks_encoding, check_sample, sample_id
 from llava_cluster.errors import UserError
@@ -63,16 +62,11 @@ class CheckReport:
 
 
 class ImageChecker:
-    """Open each distinct image once: inside the folder, a regular non-empty file, and fully decodable.
-
-    `verify()` catches broken structure cheaply but not a file cut short, so a full `load()` follows.
-    """
+    """Check each distinct image once, through `ImageFolder`: contained, a regular non-empty file, within
+    the pixel limit, and fully decodable."""
 
     def __init__(self, folder: str | Path, workers: int = 1) -> None:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise UserError(f"image folder not found: {folder}", 2)
-        self.root = folder.resolve()
+        self.folder = ImageFolder(folder)
         self.cache: dict[str, Future] = {}
         # Pillow's decoders release the GIL: threads decode several images at once.
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
@@ -93,32 +87,10 @@ class ImageChecker:
             self.pool.shutdown(cancel_futures=True)
 
     def _check(self, rel: str) -> tuple[str, str] | None:
-        from PIL import Image, UnidentifiedImageError
-
-        path = (self.root / rel).resolve()
-        if not path.is_relative_to(self.root):
-            return "image_path_unsafe", f"{rel!r} resolves to {path}, outside the image folder {self.root}"
         try:
-            info = os.stat(path)
-        except FileNotFoundError:
-            return "image_missing", f"{rel!r} not found in {self.root}"
-        except OSError as err:
-            return "image_unreadable", f"{rel!r}: {err.strerror or err}"
-        if not stat.S_ISREG(info.st_mode):
-            return "image_unreadable", f"{rel!r} is not a regular file"
-        if info.st_size == 0:
-            return "image_empty", f"{rel!r} is empty (0 bytes)"
-        try:
-            with Image.open(path) as img:
-                img.verify()
-            with Image.open(path) as img:
-                img.load()
-        except PermissionError as err:
-            return "image_unreadable", f"{rel!r}: {err.strerror}"
-        except UnidentifiedImageError:
-            return "image_corrupt", f"{rel!r} ({info.st_size} bytes) is not an image format Pillow can read"
-        except Exception as err:  # Pillow raises many types for damaged data; each is a corrupt file
-            return "image_corrupt", f"{rel!r} does not decode: {err}"
+            self.folder.verify(rel)
+        except ImageProblem as problem:
+            return problem.kind, problem.message
         return None
 
 
@@ -197,14 +169,16 @@ def check_file(
         with _Progress(reader, report, images, enabled=progress) as bar:
             for record in reader:
                 report.samples += 1
-                if record.error is not None:
+                if record.error is not None and record.value is None:
                     stop = "; reading stopped here, later samples were not checked" if reader.stopped_early else ""
-                    pending.append(([Defect(record.index, None, "(json)", "invalid_json", record.error + stop)],
+                    pending.append(([Defect(record.index, None, record.field, record.kind, record.error + stop)],
                                     0, record.index, None, None))
                     settle(block=False)
                     continue
                 sample = record.value
                 found = check_sample(record.index, sample)
+                if record.error is not None:  # decoded, but holds text no later step can handle
+                    found.insert(0, Defect(record.index, sample_id(sample), record.field, record.kind, record.error))
                 sid, future, at = None, None, 0
                 if isinstance(sample, dict):
                     _count(report, sample)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_cluster.data.encode import encode_sample, estimate_length, has_image, sample_id
+from llava_cluster.data.images import ImageFolder
 from llava_cluster.data.reader import SampleReader
 from llava_cluster.data.templates import Template
 from llava_cluster.errors import UserError
@@ -49,7 +50,7 @@ class LazySupervisedDataset:
         if image_aspect_ratio not in ASPECT_RATIOS:
             raise UserError(f"image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, not {image_aspect_ratio!r}")
         self.data_path = Path(data_path)
-        self.image_folder = Path(image_folder) if image_folder else self.data_path.parent
+        folder = Path(image_folder) if image_folder else self.data_path.parent
         self.processor = processor
         self.template = template
         self.max_length = max_length
@@ -62,15 +63,21 @@ class LazySupervisedDataset:
         self._offsets = array("Q", [0])
         for record in SampleReader(self.data_path):
             if record.error is not None:
-                raise UserError(f"{self.data_path}: {record.error} (run `llava-cluster data check`)")
+                raise UserError(f"{self.data_path}: sample #{record.index} {record.field}: {record.error} "
+                                "(run `llava-cluster data check`)")
             if not isinstance(record.value, dict):
                 raise UserError(f"{self.data_path}: sample #{record.index} is not an object")
-            self._blob += json.dumps(record.value, separators=(",", ":"), ensure_ascii=False).encode()
+            try:
+                self._blob += json.dumps(record.value, separators=(",", ":"), ensure_ascii=False).encode()
+            except RecursionError:
+                raise UserError(f"{self.data_path}: sample #{record.index} is nested too deeply "
+                                "(run `llava-cluster data check`)") from None
             self._offsets.append(len(self._blob))
             self.is_image.append(has_image(record.value))
             self.lengths.append(estimate_length(record.value, self.image_seq_length))
         if not self.lengths:
             raise UserError(f"{self.data_path} holds no samples")
+        self.images = ImageFolder(folder) if any(self.is_image) else None
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -79,16 +86,12 @@ class LazySupervisedDataset:
         return json.loads(self._blob[self._offsets[index]:self._offsets[index + 1]])
 
     def load_image(self, sample: dict) -> Any:
-        """Open, RGB-convert and (for "pad") square the sample's image; a broken file names the sample."""
-        from PIL import Image
-
-        path = self.image_folder / sample["image"]
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise UserError(f"sample {sample_id(sample)}: cannot open image {path}: {err} "
-                            "(run `llava-cluster data check --image-folder` before training)") from None
+        """Open (through `ImageFolder`: contained, regular file, pixel limit), RGB-convert and (for "pad")
+        square the sample's image; a refused file is a UserError naming the sample."""
+        if self.images is None:
+            raise UserError(f"sample {sample_id(sample)}: image {sample.get('image')!r} in a dataset "
+                            "without image samples")
+        image = self.images.load_for_sample(sample_id(sample), sample["image"])
         return pad_to_square(image, self.pad_colour) if self.image_aspect_ratio == "pad" else image
 
     def __getitem__(self, index: int) -> dict[str, Any]:

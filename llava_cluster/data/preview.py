@@ -54,7 +54,8 @@ def read_sample(path: str, index: int) -> dict:
     for record in SampleReader(path):
         if record.index == index:
             if record.error is not None:
-                raise UserError(f"{path}: sample #{index} is not valid JSON: {record.error}")
+                what = "is not valid JSON" if record.kind == "invalid_json" else f"has bad text in {record.field}"
+                raise UserError(f"{path}: sample #{index} {what}: {record.error}")
             if not isinstance(record.value, dict):
                 raise UserError(f"{path}: sample #{index} is not an object")
             return record.value

@@ -12,7 +12,8 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ class Record:
     index: int  # position among the file's samples (a broken .jsonl line takes a position too)
     value: Any = None
     error: str | None = None  # "line L column C: message"
+    kind: str = "invalid_json"  # the defect kind of `error`: "invalid_text" for valid JSON that holds bad text
+    field: str = "(json)"  # where in the sample `error` is
 
 
 class SampleReader:
@@ -49,6 +52,7 @@ class SampleReader:
         self.size = self.path.stat().st_size
         self.bytes_read = 0
         self.stopped_early = False  # a .json list broke off at a syntax error
+        self.decoder = _Decoder()
         try:
             with open(self.path, "rb") as fh:
                 head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
@@ -89,11 +93,20 @@ class SampleReader:
             if not raw.strip():
                 continue
             try:
-                yield Record(index, json.loads(raw))
-            except json.JSONDecodeError as err:
-                yield Record(index, error=f"line {lineno} column {err.colno}: {err.msg}")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 yield Record(index, error=f"line {lineno}: not UTF-8 text ({err.reason})")
+            else:
+                try:
+                    value, end = self.decoder.decode(text, _WS.match(text).end())
+                    if text[end:].strip():
+                        raise json.JSONDecodeError("Extra data", text, end)
+                except json.JSONDecodeError as err:
+                    yield Record(index, error=f"line {lineno} column {err.colno}: {err.msg}")
+                except ValueError as err:
+                    yield Record(index, error=f"line {lineno}: {err}")
+                else:
+                    yield self.decoder.record(index, value, text, 0, end, lambda n=lineno: f"line {n}")
             index += 1
 
     def _array(self, fh) -> Iterator[Record]:
@@ -105,7 +118,8 @@ class SampleReader:
                 self.stopped_early = True
                 yield Record(index, error=error)
                 return
-            yield Record(index, value)
+            yield self.decoder.record(index, value, scanner.buf, *scanner.last_span,
+                                      lambda: scanner._where(scanner.last_span[0]))
             index += 1
 
 
@@ -115,7 +129,8 @@ class _ArrayScanner:
     def __init__(self, fh, owner: SampleReader) -> None:
         self.fh, self.owner = fh, owner
         self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
-        self.json = json.JSONDecoder()
+        self.json = owner.decoder
+        self.last_span = (0, 0)  # where in `buf` the element decoded last lies
         self.buf, self.pos, self.eof = "", 0, False
         self.base_line, self.base_col = 1, 0  # line and 0-based column of buf[0]
 
@@ -158,16 +173,19 @@ class _ArrayScanner:
     def _decode(self) -> tuple[Any, str | None]:
         while True:
             try:
-                value, end = self.json.raw_decode(self.buf, self.pos)
+                value, end = self.json.decode(self.buf, self.pos)
             except json.JSONDecodeError as err:
                 cut = err.msg.startswith("Unterminated string") or err.pos >= len(self.buf) - 8
                 if cut and not self.eof:
                     self._fill()
                     continue
                 return None, f"{self._where(err.pos)}: {err.msg}"
+            except ValueError as err:  # nesting too deep: where it ends cannot be found without decoding
+                return None, f"{self._where(self.pos)}: {err}"
             if end >= len(self.buf) - 8 and not self.eof:  # a number may continue in the next chunk
                 self._fill()
                 continue
+            self.last_span = (self.pos, end)
             self.pos = end
             return value, None
 
@@ -197,3 +215,74 @@ class _ArrayScanner:
             if error is not None:
                 return
             first = False
+
+
+# A lone surrogate can only enter through a \uD800-\uDFFF escape: valid UTF-8 cannot encode one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+class _Decoder:
+    """JSON decoding whose hostile cases are record errors, not exceptions: an integer past Python's
+    digit limit, nesting past the recursion limit, and text that is not Unicode (lone surrogates), which
+    every later step (UTF-8 output, the tokenizer) would crash on."""
+
+    def __init__(self) -> None:
+        self.longest_int = 0
+        self.json = json.JSONDecoder(parse_int=self._int)
+
+    def _int(self, digits: str) -> int | None:
+        try:
+            return int(digits)
+        except ValueError:  # more digits than sys.get_int_max_str_digits()
+            self.longest_int = max(self.longest_int, len(digits.lstrip("-")))
+            return None
+
+    def decode(self, text: str, pos: int) -> tuple[Any, int]:
+        """`raw_decode`; ValueError (not JSONDecodeError) for nesting too deep."""
+        self.longest_int = 0
+        try:
+            return self.json.raw_decode(text, pos)
+        except RecursionError:
+            raise ValueError("the sample is nested too deeply to decode (over ~1000 levels of [ and {)") from None
+
+    def record(self, index: int, value: Any, text: str, start: int, end: int, where: Callable[[], str]) -> Record:
+        """The Record of the element decoded from text[start:end], with the error of a too-long integer
+        or of invalid text; `where` says where it starts (computed only for an error)."""
+        if self.longest_int:
+            return Record(index, error=f"{where()}: an integer of {self.longest_int:,} digits; at most "
+                                       f"{sys.get_int_max_str_digits():,} can be read")
+        if _SURROGATE_ESCAPE.search(text, start, end):
+            found = _unencodable(value)
+            if found is not None:
+                field, bad = found
+                at = next(i for i, c in enumerate(bad) if "\ud800" <= c <= "\udfff")
+                return Record(index, value, kind="invalid_text", field=field,
+                              error=f"a lone surrogate \\u{ord(bad[at]):04x} at character {at}: not Unicode "
+                                    "text, so it cannot be written as UTF-8 or tokenized")
+        return Record(index, value)
+
+
+def _unencodable(value: Any) -> tuple[str, str] | None:
+    """(field path, text) of the first string (key or value) that UTF-8 cannot encode, else None."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if not _encodes(item):
+                return path or "(sample)", item
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                if not _encodes(key):
+                    return f"{path}.{key!r}".lstrip("."), key
+                stack.append((f"{path}.{key}" if path else key, child))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", child) for i, child in reversed(list(enumerate(item))))
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -9,6 +9,7 @@ live in `check.py` and produce the same records.
 from __future__ import annotations
 
 import posixpath
+import reprlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -20,6 +21,7 @@ ROLES = ("human", "gpt")
 # kind -> what it means; the order is the order of the summary table.
 DEFECT_KINDS: dict[str, str] = {
     "invalid_json": "not valid JSON",
+    "invalid_text": "text that is not Unicode (a lone surrogate): cannot be written as UTF-8 or tokenized",
     "not_an_object": "a sample that is not a JSON object",
     "missing_id": "no id",
     "duplicate_id": "id used by an earlier sample",
@@ -39,6 +41,7 @@ DEFECT_KINDS: dict[str, str] = {
     "image_empty": "image file of zero bytes",
     "image_unreadable": "image file cannot be read",
     "image_corrupt": "image file does not decode",
+    "image_too_large": "image of more pixels than the limit (a decompression bomb, or far too big to train on)",
     "too_long": "longer than --max-length: truncation drops tokens",
     "first_round_too_long": "even the first round exceeds --max-length: the sample trains on nothing",
 }
@@ -58,23 +61,27 @@ class Defect:
 
 # Defects that say nothing about the text: such a sample still tokenizes, so its length is measured.
 _TEXT_NEUTRAL = {"duplicate_id", "image_path_unsafe", "image_missing", "image_empty", "image_unreadable",
-                 "image_corrupt"}
+                 "image_corrupt", "image_too_large"}
 
 
 def blocks_encoding(defect: Defect) -> bool:
-    """Whether this defect makes the sample's conversation unfit to tokenize (id problems never do)."""
-    return defect.field != "id" and defect.kind not in _TEXT_NEUTRAL
+    """Whether this defect makes the sample's conversation unfit to tokenize (id problems never do, except
+    text that is not Unicode: only its first occurrence in a sample is named)."""
+    return defect.kind == "invalid_text" or (defect.field != "id" and defect.kind not in _TEXT_NEUTRAL)
 
 
 def sample_id(sample: Any) -> str | None:
-    """The id as text for reports, whatever its type; None when absent."""
+    """The id as text for reports, whatever its type (a deep or huge one shortened); None when absent."""
     if isinstance(sample, dict) and sample.get("id") is not None:
-        return str(sample["id"])
+        sid = sample["id"]
+        return sid if isinstance(sid, str) else reprlib.repr(sid)
     return None
 
 
 def image_path_problem(path: str) -> str | None:
-    """Why a relative image path is unsafe (absolute, or climbing out with ..), else None."""
+    """Why a relative image path is unsafe (a NUL byte, absolute, or climbing out with ..), else None."""
+    if "\0" in path:
+        return f"{path!r} contains a NUL byte, which no file name can hold"
     if ".." not in path and path[:1] not in ("/", "\\") and path[1:2] != ":":
         return None
     if path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":"):
@@ -99,7 +106,7 @@ def check_sample(index: int, sample: Any) -> list[Defect]:
     if sample.get("id") is None or sample.get("id") == "":
         add("id", "missing_id", "sample has no id")
     elif not isinstance(sample["id"], str):
-        add("id", "wrong_type", f"id must be a string, got {type(sample['id']).__name__} {sample['id']!r}")
+        add("id", "wrong_type", f"id must be a string, got {type(sample['id']).__name__} {sid}")
 
     image = sample.get("image")
     has_image = image is not None

@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from llava_cluster.data.images import ImageFolder, ImageProblem
 from llava_cluster.data.reader import SampleReader
 from llava_cluster.data.schema import blocks_encoding, check_sample
 from llava_cluster.errors import UserError
@@ -46,8 +47,7 @@ def compute_stats(
 ) -> dict[str, Any]:
     """One pass over the file; samples with structural defects are counted as `malformed`, not measured."""
     reader = SampleReader(path)
-    if image_folder is not None and not Path(image_folder).is_dir():
-        raise UserError(f"image folder not found: {image_folder}", 2)
+    images = ImageFolder(image_folder) if image_folder is not None else None
     encoder = _Encoder(model, template) if model is not None else None
     samples = malformed = with_image = text_only = 0
     turns: list[int] = []
@@ -74,7 +74,7 @@ def compute_stats(
         "modality": {"image": with_image, "text_only": text_only},
         "distinct_images": len(image_paths),
         "turns": {"total": sum(turns), "per_sample": percentiles(turns)},
-        "images": _image_sizes(image_paths, Path(image_folder), image_sample, seed) if image_folder else None,
+        "images": _image_sizes(image_paths, images, image_sample, seed) if images is not None else None,
         "tokens": None,
     }
     if encoder is not None:
@@ -106,9 +106,7 @@ class _Encoder:
         return self.encode(sample, self.tokenizer, self.template, self.image_tokens, None).full_length
 
 
-def _image_sizes(paths: set[str], folder: Path, sample: int, seed: int) -> dict[str, Any]:
-    from PIL import Image
-
+def _image_sizes(paths: set[str], folder: ImageFolder, sample: int, seed: int) -> dict[str, Any]:
     chosen = sorted(paths)
     if sample and len(chosen) > sample:
         chosen = random.Random(seed).sample(chosen, sample)
@@ -120,9 +118,8 @@ def _image_sizes(paths: set[str], folder: Path, sample: int, seed: int) -> dict[
     unreadable = 0
     for rel in chosen:
         try:
-            with Image.open(folder / rel) as img:
-                width, height = img.size
-        except Exception:  # any unreadable file; `data check` says which and why
+            width, height = folder.size(rel)
+        except ImageProblem:  # `data check` says which and why
             unreadable += 1
             continue
         widths.append(width)

@@ -1,0 +1,30 @@
+"""The validation report's thumbnails go through the one image opener: nothing outside the folder, no hang."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from hostile_files import make_special_files, no_hang
+from PIL import Image
+
+from llava_cluster.report import write_report
+
+
+def test_thumbnails_only_of_contained_regular_images(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(images / "red.png")
+    Image.new("RGB", (40, 30), (0, 200, 0)).save(tmp_path / "secret.png")
+    special = sorted(make_special_files(images))
+    names = ["red.png", "../secret.png", str(tmp_path / "secret.png"), *special]
+    rows = [{"image": name, "prompt": "q", "reference": "r", "finetuned_prediction": "r",
+             "finetuned_exact_match": 1.0} for name in names]
+    metrics = {"samples": len(rows), "finetuned": {"exact_match": 1.0, "token_f1": 1.0, "eval_loss": 0.1}}
+    with no_hang():
+        page = write_report(tmp_path / "out", metrics, rows, images, None).read_text()
+    thumbs = [part.split('"', 1)[0] for part in page.split('src="data:image/png;base64,')[1:]]
+    assert len(thumbs) == 1  # red.png only: secret.png is outside, the rest are special files
+    thumb = Image.open(io.BytesIO(base64.b64decode(thumbs[0])))
+    assert thumb.getpixel((0, 0)) == (200, 0, 0)
+    assert "outside the image folder" in page and "not a regular file" in page and "more than the limit" in page
