@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        from llava_cluster.console import err_console
+        from llava_cluster.console import print_message
 
-        err_console.print(f"[bold red]error:[/] {err.message}", highlight=False, soft_wrap=True)
+        print_message("error", "bold red", err.message)
         return err.exit_code
     except KeyboardInterrupt:
         return 130

@@ -32,6 +32,13 @@ case "${METHOD:-lora}" in
   *) echo "error: METHOD=$METHOD: use lora or qlora" >&2; exit 2 ;;
 esac
 
+# Without a container the jobs run the llava-cluster of this shell, by absolute path: the compute
+# nodes see the same (shared) environment, but not necessarily an activated venv on their PATH.
+if [ -z "${LLAVA_CLUSTER:-}" ] && [ "${CONTAINER_RUNTIME:-none}" = none ] && command -v llava-cluster > /dev/null; then
+  LLAVA_CLUSTER=$(command -v llava-cluster)
+  export LLAVA_CLUSTER
+fi
+
 mkdir -p "$RUN_DIR/logs/slurm"
 common=(--parsable --export="ALL,LLAVA_SLURM_DIR=$here" --output="$RUN_DIR/logs/slurm/%j.out")
 [ -n "${PARTITION:-}" ] && common+=(--partition="$PARTITION")

@@ -9,7 +9,9 @@
 #
 # Settings (environment variables; only RUN_DIR is required):
 #   RUN_DIR            <storage>/runs/<name>: the run directory holding spec.yaml
-#   LLAVA_CLUSTER      command that runs llava-cluster on the compute nodes    (default: llava-cluster)
+#   LLAVA_CLUSTER      command that runs llava-cluster on the compute nodes    (default: llava-cluster;
+#                      pipeline.sh sets it to the absolute path of the submitting shell's llava-cluster
+#                      when there is no container, so the job does not depend on an activated venv)
 #   MAX_REQUEUES       how often a preempted / timed-out job requeues itself    (default: 3)
 #   CONTAINER_RUNTIME  none | pyxis | apptainer                                 (default: none)
 #   CONTAINER_IMAGE    pyxis: e.g. ghcr.io#llava-cluster/llava-cluster:0.1.0 or a .sqsh file;
@@ -38,7 +40,12 @@ run_stage() {
   read -r -a cmd <<< "${LLAVA_CLUSTER:-llava-cluster}"
   cmd+=(stage "$stage" --run-dir "$RUN_DIR")
   case "${CONTAINER_RUNTIME:-none}" in
-    none) ;;
+    none)
+      if ! command -v "${cmd[0]}" > /dev/null; then
+        echo "error: ${cmd[0]} not found on this node's PATH: set LLAVA_CLUSTER to its absolute path" \
+             "(e.g. /shared/envs/llava/bin/llava-cluster) or submit with slurm/pipeline.sh from the venv" >&2
+        exit 2
+      fi ;;
     pyxis)
       srun_opts+=(--container-image="${CONTAINER_IMAGE:?CONTAINER_IMAGE is required with pyxis}"
                   --container-mounts="$storage:$storage${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}") ;;

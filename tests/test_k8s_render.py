@@ -229,3 +229,35 @@ def test_wait_command_as_the_init_container_runs_it(tmp_path):
     _write_state(tmp_path, "train", "succeeded", 1)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "train succeeded" in out
+
+
+# ---- hostile spec values ------------------------------------------------------------------------------
+
+HOSTILE = "$(touch PWNED) `id`; it's \"quoted\" [a-z0-9] && x"
+
+
+def test_shell_syntax_in_legal_values_reaches_the_pods_as_plain_data(capsys):
+    """Env values and paths full of shell syntax: every manifest value round-trips exactly, container
+    commands are argument lists, and the dry-run warning keeps the text (rich markup included)."""
+    spec = spec_from_dict({**tiny_spec().to_dict(), "env": {"NCCL_DEBUG": HOSTILE},
+                           "storage": f"/shared/store {HOSTILE}"})
+    docs = k8s.render(spec, ALL)
+    reloaded = list(yaml.safe_load_all(k8s.to_yaml(docs)))
+    assert reloaded == docs
+    for doc in reloaded:
+        for template in pod_templates(doc):
+            for c in template["spec"]["containers"] + template["spec"].get("initContainers", []):
+                assert "command" not in c and all(isinstance(a, str) for a in c["args"])
+                assert str(spec.run_dir) in c["args"]
+                assert {"name": "NCCL_DEBUG", "value": HOSTILE} in c["env"]
+    assert spec_from_dict(yaml.safe_load(reloaded[0]["data"]["spec.yaml"])).env == {"NCCL_DEBUG": HOSTILE}
+    spec.data.train = f"/home/{HOSTILE}"
+    assert k8s.submit(spec, ALL, dry_run=True) == 0
+    assert f"data.train: /home/{HOSTILE}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [("namespace", "ns;touch PWNED"), ("claim", "$(x)"),
+                                          ("service_account", "a b"), ("hub_token_secret", "tok\nx")])
+def test_names_that_kubernetes_would_not_take_are_refused_at_load(field, value):
+    with pytest.raises(UserError, match=f"k8s.{field}"):
+        spec_from_dict({**tiny_spec().to_dict(), "k8s": {field: value}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def test_dry_run_prints_three_chained_scripts_and_submits_nothing(tmp_path, caps
     out = capsys.readouterr().out
     assert out.count("#!/bin/bash") == 3
     assert "--dependency='afterok:<train job id>'" in out and "--dependency='afterok:<merge job id>'" in out
-    assert f"llava-cluster stage validate --run-dir {spec.run_dir}" in out
+    assert f"{sys.executable} -m llava_cluster.cli stage validate --run-dir {spec.run_dir}" in out
     assert not spec.run_dir.exists()
 
 
@@ -141,6 +142,22 @@ def test_resubmission_of_later_stages_has_no_dependency_on_train(tmp_path, capsy
                                           ("1-01:30", 1530), ("0:0:59", 1)])
 def test_slurm_time_formats(text, minutes):
     assert slurm.slurm_minutes(text) == minutes
+
+
+def test_stage_runs_with_the_workers_interpreter_unless_slurm_python_says_otherwise(tmp_path):
+    """Without a container the worker starts as this absolute interpreter; the stage must not need
+    `llava-cluster` on the job's PATH (an unactivated venv). Inside a container: the image's python3."""
+    cli = ("-m", "llava_cluster.cli", "stage", "train", "--run-dir")
+    job = slurm.stage_job(make_spec(tmp_path), "train", [])
+    assert job.command[:6] == (sys.executable, *cli)
+    pyxis = make_spec(tmp_path, slurm={"container": {"runtime": "pyxis", "image": "reg#org/llava:1"}})
+    assert slurm.stage_job(pyxis, "train", []).command[:6] == ("python3", *cli)
+    custom = make_spec(tmp_path, slurm={"python": "/shared/envs/llava/bin/llava-cluster --verbose"})
+    assert slurm.stage_job(custom, "merge", []).command[:3] == ("/shared/envs/llava/bin/llava-cluster", "--verbose",
+                                                                "stage")
+    help_run = subprocess.run([*job.command[:3], "--help"], capture_output=True, text=True, timeout=120,
+                              env={"PATH": "/usr/bin:/bin"})
+    assert help_run.returncode == 0 and "stage" in help_run.stdout
 
 
 def test_bad_time_and_extra_option_are_user_errors(tmp_path):
@@ -302,3 +319,105 @@ def test_logs_of_a_stage_without_log_says_so(tmp_path, capsys):
     assert main(["logs", str(run.root), "merge"]) == 1
     assert "no log yet for merge" in capsys.readouterr().err
     assert main(["logs", str(tmp_path / "nope"), "merge"]) == 2
+
+
+# ---- hostile spec values: every legal value rendered so that nothing in it runs ---------------------
+
+# Legal values full of shell syntax; running any of them creates a PWNED-* file in the job's directory.
+SHELL_PAYLOADS = ["$(touch PWNED-1)", "`touch PWNED-2`", "x; touch PWNED-3", "a' ; touch PWNED-4 ; '",
+                  'b" ; touch PWNED-5 ; "', "c && touch PWNED-6 # d", "$HOME ${IFS} * ?"]
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    """srun / scontrol / sbatch that only record their arguments (NUL-separated) and the environment
+    values the test names in CAPTURE_ENV."""
+    bin_dir = tmp_path / "stub-bin"
+    bin_dir.mkdir()
+    record = ('#!/bin/bash\nprintf "%s\\0" "$@" > "$CAPTURE_DIR/$(basename "$0").args"\n'
+              'for v in $CAPTURE_ENV; do printf "%s\\0" "${!v}"; done > "$CAPTURE_DIR/$(basename "$0").env"\n')
+    for tool, reply in (("srun", ""), ("sbatch", 'echo "4$RANDOM"\n'), ("scontrol", "echo n1\n")):
+        path = bin_dir / tool
+        path.write_text(record + reply)
+        path.chmod(0o755)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    return bin_dir, workdir
+
+
+def run_with_stubs(stubs, script: str | Path, env: dict[str, str], capture_env: list[str] = ()) -> dict:
+    bin_dir, workdir = stubs
+    full_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(workdir), "SLURM_JOB_ID": "123",
+                "SLURM_JOB_NODELIST": "n1", "SLURM_NTASKS": "1", "CAPTURE_DIR": str(workdir),
+                "CAPTURE_ENV": " ".join(capture_env), **env}
+    args = ["bash", "-c", script] if isinstance(script, str) else ["bash", str(script)]
+    proc = subprocess.run(args, cwd=workdir, env=full_env, capture_output=True, text=True, timeout=60)
+    assert not list(workdir.glob("PWNED*")), f"a spec value ran as a command:\n{proc.stdout}{proc.stderr}"
+
+    def read(name: str) -> list[str] | None:
+        path = workdir / name
+        return path.read_text().split("\0")[:-1] if path.exists() else None
+
+    return {"rc": proc.returncode, "out": proc.stdout + proc.stderr, "srun": read("srun.args"),
+            "srun_env": read("srun.env"), "sbatch": read("sbatch.args")}
+
+
+@pytest.mark.parametrize("runtime", ["none", "pyxis", "apptainer"])
+def test_rendered_sbatch_script_runs_no_spec_value(tmp_path, stubs, runtime):
+    """Paths, env values, container image/mounts and sbatch option values full of shell syntax: the
+    script still runs, srun receives each value as one exact argument, no payload executes."""
+    hostile = "".join(SHELL_PAYLOADS[:6])
+    store = tmp_path / f"store {hostile}"
+    env = {f"V{i}": payload for i, payload in enumerate(SHELL_PAYLOADS)}
+    container = {"runtime": runtime}
+    if runtime != "none":
+        container.update(image=f"/images/llava {SHELL_PAYLOADS[0]}.sif", mounts=[f"/scratch/{SHELL_PAYLOADS[2]}"])
+    base = make_spec(tmp_path, env=env, slurm={"container": container, "extra_sbatch": [f"--comment={hostile}"]})
+    spec = spec_from_dict({**base.to_dict(), "storage": str(store), "model": {"base": f"/models/{SHELL_PAYLOADS[1]}"}})
+    script = slurm.render(spec, "train", None)
+    result = run_with_stubs(stubs, script, {}, capture_env=list(env))
+    assert result["rc"] == 0, result["out"]
+    assert result["srun_env"] == SHELL_PAYLOADS  # exported exactly, nothing expanded
+    argv = result["srun"]
+    folder = str(slurm.logs_folder(spec))
+    assert argv[-1] == folder and argv[argv.index("--output") + 1] == f"{folder}/%j_%t_log.out"
+    if runtime == "pyxis":
+        assert f"--container-image={spec.slurm.container.image}" in argv
+    if runtime == "apptainer":
+        assert argv[argv.index("exec") + 4] == spec.slurm.container.image
+    assert f"--comment={shlex.quote(hostile)}" in script  # an #SBATCH value: one quoted word
+
+
+def test_standalone_scripts_run_no_value_of_their_settings(tmp_path, stubs):
+    """RUN_DIR, LLAVA_CLUSTER, PARTITION, ... with shell syntax: passed as arguments, never run."""
+    run_dir = tmp_path / f"runs {SHELL_PAYLOADS[0]}{SHELL_PAYLOADS[2]}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "spec.yaml").write_text("name: x\n")
+    settings = {"RUN_DIR": str(run_dir), "LLAVA_SLURM_DIR": str(REPO / "slurm"), "LLAVA_CLUSTER": "true",
+                "STORAGE": f"/st {SHELL_PAYLOADS[1]}", "CONTAINER_RUNTIME": "pyxis", "CONTAINER_IMAGE": "img",
+                "CONTAINER_MOUNTS": SHELL_PAYLOADS[3]}
+    result = run_with_stubs(stubs, REPO / "slurm/merge.sbatch", settings)
+    assert result["rc"] == 0, result["out"]
+    assert result["srun"] == ["--container-image=img",
+                              f"--container-mounts=/st {SHELL_PAYLOADS[1]}:/st {SHELL_PAYLOADS[1]},{SHELL_PAYLOADS[3]}",
+                              "true", "stage", "merge", "--run-dir", str(run_dir)]
+    piped = run_with_stubs(stubs, REPO / "slurm/pipeline.sh", {
+        "RUN_DIR": str(run_dir), "PARTITION": SHELL_PAYLOADS[4], "ACCOUNT": SHELL_PAYLOADS[5],
+        "QOS": SHELL_PAYLOADS[0], "NODES": SHELL_PAYLOADS[1]})
+    assert piped["rc"] == 0, piped["out"]
+    assert f"--partition={SHELL_PAYLOADS[4]}" in piped["sbatch"] and f"--qos={SHELL_PAYLOADS[0]}" in piped["sbatch"]
+
+
+def test_pipeline_passes_the_absolute_llava_cluster_of_the_submitting_shell(tmp_path, stubs):
+    """Without a container the jobs must not depend on an activated venv on the nodes."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "spec.yaml").write_text("name: x\n")
+    venv_bin = Path(sys.executable).parent
+    assert (venv_bin / "llava-cluster").is_file()
+    bin_dir, _ = stubs
+    script = f'PATH="{venv_bin}:$PATH" bash {REPO / "slurm/pipeline.sh"}'
+    result = run_with_stubs(stubs, script, {"RUN_DIR": str(run_dir)}, capture_env=["LLAVA_CLUSTER"])
+    assert result["rc"] == 0, result["out"]
+    recorded = (stubs[1] / "sbatch.env").read_text().split("\0")[:-1]
+    assert recorded == [str(venv_bin / "llava-cluster")]

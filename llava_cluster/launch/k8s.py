@@ -18,6 +18,10 @@ Every pod runs as a non-root user without privilege escalation, with all capabil
 RuntimeDefault seccomp profile and a read-only root filesystem (HOME and caches live on /tmp); the
 shared volume is the claim `spec.k8s.claim` mounted at `spec.k8s.mount_path`, /dev/shm is
 memory-backed. A hub token comes only from a Secret reference (`spec.k8s.hub_token_secret`).
+
+Spec strings reach the manifests only as YAML scalars written by the dumper (never through a shell:
+containers get argument lists), and `spec.py` has already refused control characters and names that
+are not Kubernetes names.
 """
 
 from __future__ import annotations
@@ -284,7 +288,9 @@ def _existing(spec: RunSpec, docs: list[dict[str, Any]]) -> list[str]:
 
 def submit(spec: RunSpec, stages: list[str], dry_run: bool) -> int:
     """Render the run's manifests; print them (dry run) or apply them with `kubectl apply -f -`."""
-    from llava_cluster.console import console, err_console
+    from rich.markup import escape
+
+    from llava_cluster.console import console, print_message
 
     outside = paths_outside_mount(spec)
     if outside:
@@ -292,7 +298,7 @@ def submit(spec: RunSpec, stages: list[str], dry_run: bool) -> int:
                    "not see them; put them on the shared volume:\n  " + "\n  ".join(outside))
         if not dry_run:
             raise UserError(message)
-        err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        print_message("warning", "bold yellow", message)
     docs = render(spec, stages)
     manifest = to_yaml(docs)
     if dry_run:
@@ -307,9 +313,9 @@ def submit(spec: RunSpec, stages: list[str], dry_run: bool) -> int:
     applied = _kubectl(["apply", "-f", "-"], stdin=manifest)
     if applied.returncode != 0:
         raise UserError(f"kubectl apply failed (namespace {spec.k8s.namespace}):\n{applied.stderr.strip()}")
-    console.print(applied.stdout.rstrip(), highlight=False)
+    console.print(applied.stdout.rstrip(), markup=False, highlight=False)
     console.print(f"[green]submitted[/] {', '.join(stages)} of [bold]{spec.name}[/]: follow with "
-                  f"`llava-cluster status {spec.run_dir}` (on a machine that mounts the volume) or "
+                  f"`llava-cluster status {escape(str(spec.run_dir))}` (on a machine that mounts the volume) or "
                   f"`kubectl get pods -n {spec.k8s.namespace} -l llava-cluster.io/run={spec.name}`",
                   highlight=False)
     return 0

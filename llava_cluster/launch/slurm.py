@@ -9,14 +9,17 @@ is what lets all ranks agree on a last checkpoint before the limit.
 
 Chaining: merge runs `--dependency=afterok:<train>`, validate `afterok:<merge>`, both with
 `--kill-on-invalid-dep=yes`, so a failed stage cancels the rest. Each task runs
-`llava_cluster.launch.slurm_job.StageJob`, which supervises `<slurm.python> stage <stage> --run-dir`
-and asks for a requeue after exit 75 (see there). Containers: pyxis (`srun --container-image`) or
+`llava_cluster.launch.slurm_job.StageJob`, which supervises `<llava-cluster> stage <stage> --run-dir`
+and asks for a requeue after exit 75 (see there). The stage runs with the worker's own interpreter
+(`<python> -m llava_cluster.cli`: the submitting venv's without a container, the image's python3
+inside one) unless `slurm.python` names another command, so nothing depends on the PATH of the job.
+Every spec value in the script is validated by `spec.py` (no control characters, SLURM's syntax) and
+shell-quoted here. Containers: pyxis (`srun --container-image`) or
 Apptainer (`apptainer exec --nv`), the storage root mounted at the same path.
 """
 
 from __future__ import annotations
 
-import re
 import shlex
 import shutil
 import subprocess
@@ -28,16 +31,15 @@ from llava_cluster.console import console, err_console
 from llava_cluster.errors import UserError
 from llava_cluster.launch.slurm_job import StageJob, stage_command
 from llava_cluster.rundir import STAGES, RunDir
-from llava_cluster.spec import RunSpec
+from llava_cluster.spec import SLURM_TIME, RunSpec
 
 CONTAINER_PYTHON = "python3"  # the interpreter inside the image (it has llava-cluster and submitit)
 ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED", "RESIZING"}
-_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
 def slurm_minutes(text: str) -> int:
     """SLURM's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes, rounded up."""
-    match = _TIME.match(text.strip())
+    match = SLURM_TIME.fullmatch(text.strip())
     if not match:
         raise UserError(f"resources.time: {text!r} is not a SLURM time (e.g. 90, 04:00:00, 2-00:00:00)")
     days, a, b, c = (int(g) if g else None for g in match.groups())
@@ -83,6 +85,14 @@ def worker_python(spec: RunSpec) -> str:
     return shlex.quote(sys.executable)
 
 
+def stage_entry(spec: RunSpec) -> str:
+    """The command line of llava-cluster in each task: slurm.python, else the worker's interpreter."""
+    if spec.slurm.python:
+        return spec.slurm.python
+    python = sys.executable if spec.slurm.container.runtime == "none" else CONTAINER_PYTHON
+    return shlex.join([python, "-m", "llava_cluster.cli"])
+
+
 def srun_args(spec: RunSpec) -> list[str]:
     container = spec.slurm.container
     if container.runtime != "pyxis":
@@ -91,11 +101,10 @@ def srun_args(spec: RunSpec) -> list[str]:
 
 
 def extra_sbatch(options: list[str]) -> dict[str, Any]:
-    """`--constraint=h100`, `--exclusive` -> submitit's additional_parameters."""
+    """`--constraint=h100`, `--exclusive` -> submitit's additional_parameters (which quotes the values;
+    the spec allows only `--name[=value]` options)."""
     parsed: dict[str, Any] = {}
     for option in options:
-        if not option.startswith("--") or len(option) < 3:
-            raise UserError(f"slurm.extra_sbatch: {option!r} must be a long sbatch option like --constraint=h100")
         key, sep, value = option[2:].partition("=")
         parsed[key] = value if sep else True
     return parsed
@@ -103,7 +112,7 @@ def extra_sbatch(options: list[str]) -> dict[str, Any]:
 
 def setup_lines(spec: RunSpec) -> list[str]:
     lines = ['export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"']
-    lines += [f"export {key}={shlex.quote(value)}" for key, value in spec.env.items()]
+    lines += [f"export {shlex.quote(f'{key}={value}')}" for key, value in spec.env.items()]
     return lines
 
 
@@ -149,7 +158,7 @@ def stage_job(spec: RunSpec, stage: str, downstream: list[str]) -> StageJob:
     return StageJob(
         stage=stage,
         run_dir=str(spec.run_dir),
-        command=stage_command(spec.slurm.python, stage, spec.run_dir),
+        command=stage_command(stage_entry(spec), stage, spec.run_dir),
         max_requeues=spec.slurm.max_requeues,
         downstream=tuple(downstream),
         marker_folder=str(logs_folder(spec)),
@@ -209,7 +218,7 @@ def _dry_run(spec: RunSpec, stages: list[str]) -> int:
         dependency = f"afterok:<{previous} job id>" if previous else None
         console.rule(f"[bold]{stage}[/] job (sbatch script submitit would write)")
         console.print(render(spec, stage, dependency), markup=False, highlight=False, soft_wrap=True)
-        console.print(f"# each task runs: {shlex.join(stage_command(spec.slurm.python, stage, spec.run_dir))}",
+        console.print(f"# each task runs: {shlex.join(stage_command(stage_entry(spec), stage, spec.run_dir))}",
                       markup=False, highlight=False, soft_wrap=True)
         previous = stage
     console.print(f"dry run: nothing submitted ({len(stages)} job(s) for {spec.run_dir})")

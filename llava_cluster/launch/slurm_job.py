@@ -109,5 +109,5 @@ def _resume_hint(run: RunDir) -> str:
 
 
 def stage_command(python: str, stage: str, run_dir: str | Path) -> tuple[str, ...]:
-    """The stage entry as argv; `python` is spec.slurm.python (may hold several words)."""
+    """The stage entry as argv; `python` is the command line of llava-cluster (may hold several words)."""
     return (*shlex.split(python), "stage", stage, "--run-dir", str(run_dir))

@@ -2,7 +2,8 @@
 
 The presets deliberately define no `optimizer` or `scheduler` section: the HF Trainer then builds ours
 (projector at its own learning rate, cosine schedule). The original LLaVA offload config defines its
-own optimizer and so silently drops both; a user JSON that does the same is refused.
+own optimizer and so silently drops both; a user JSON that does the same is refused (the rule,
+`spec.deepspeed_section_refused`, also refuses such `deepspeed_overrides` when the spec is loaded).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_cluster.errors import UserError
-from llava_cluster.spec import DEEPSPEED_PRESETS, RunSpec
+from llava_cluster.spec import DEEPSPEED_PRESETS, RunSpec, deepspeed_section_refused
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -42,13 +43,9 @@ def load_deepspeed_config(spec: RunSpec) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise UserError(f"training.deepspeed: {source} is not valid JSON: {err}") from None
     config = _deep_merge(config, spec.training.deepspeed_overrides)
-    for section in ("optimizer", "scheduler"):
-        if section in config:
-            raise UserError(
-                f"training.deepspeed: {source} defines its own '{section}', which would silently replace "
-                f"the projector learning rate and the {spec.optim.scheduler} schedule; remove that section "
-                "(llava-cluster builds both from the spec's optim: settings)"
-            )
+    why = deepspeed_section_refused(config)
+    if why:
+        raise UserError(f"training.deepspeed: {source} {why}")
     return config
 
 
