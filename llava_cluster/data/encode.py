@@ -1,12 +1,18 @@
 """Turn one LLaVA record into the token ids and labels the model trains on.
 
 Labels come from character spans, never from token arithmetic: the template renders the conversation
-and says which characters are supervised (each assistant reply plus its end-of-turn string); the text
-is tokenized once by a fast tokenizer with offsets, and a token is supervised iff its character span
-overlaps a supervised span. A token with an empty span is supervised iff it lies strictly inside one:
-that keeps a blank whose offsets were trimmed away (byte-level "Ġ" between two words of a reply) and
-excludes what the tokenizer inserts itself (BOS/EOS from its post-processor, at (0, 0)). A token that straddles a boundary (a SentencePiece `▁`
-that carries the space before a reply) is supervised, because predicting it is predicting the reply.
+and says which characters are supervised (each reply plus its end-of-turn string, from where the
+generation prompt ends: the separator's trailing spaces included, see `templates.generation_start`);
+the text is tokenized once by a fast tokenizer with offsets. A token is supervised iff it ends inside a
+span (start < token end <= end): so it holds reply text, or it is the space before the reply split off
+on its own (SentencePiece `:`,`▁`,`1`,`2` for "ASSISTANT: 12"; byte-level `Ġ` before digits), which the
+model must generate after the prompt, as in the original LLaVA. A token that begins in the prompt and
+reaches into the reply (`ĊĊ` for a chatml reply starting with a newline) is supervised: predicting it is
+predicting the reply. A token that runs past the end-of-turn holds prompt text and is not. A token with
+an empty span is supervised iff it lies strictly inside a span: that keeps a blank whose offsets were
+trimmed away (byte-level `Ġ` with `trim_offsets`) and excludes what the tokenizer inserts itself
+(BOS/EOS from its post-processor, at (0, 0)). So the supervised ids of a reply are exactly the ids a
+model must emit after `Template.prompt` up to and including its end-of-turn token(s).
 
 Image: an image sample's `<image>` is moved to the front of the first user turn ("<image>\\n" + rest),
 tokenized as the single image token, then expanded to `image_seq_length` copies (never supervised),
@@ -117,16 +123,16 @@ def _positions(offsets: list[tuple[int, int]]) -> list[int]:
 
 
 def _supervised(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
-    """Whether each token's [start, end) overlaps a supervised span (spans sorted, disjoint)."""
-    starts = [s for s, _ in spans]
+    """Whether each token [start, end) ends inside a supervised span (spans sorted, disjoint); see the module docstring."""
+    ends = [e for _, e in spans]
     out = []
     for start, end in offsets:
         if end <= start:  # empty: a blank trimmed away inside the text, or a post-processor special at (0, 0)
-            k = bisect.bisect_left(starts, start) - 1  # the last span starting strictly before it
-            out.append(k >= 0 and start < spans[k][1])
+            k = bisect.bisect_right(ends, start)  # the first span ending after it
+            out.append(k < len(spans) and spans[k][0] < start)
             continue
-        k = bisect.bisect_right(starts, end - 1) - 1  # the last span starting before this token ends
-        out.append(k >= 0 and spans[k][1] > start)
+        k = bisect.bisect_left(ends, end)  # the first span ending at or after this token's end
+        out.append(k < len(spans) and spans[k][0] < end)
     return out
 
 

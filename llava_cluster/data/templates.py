@@ -1,5 +1,7 @@
 """Conversation templates. A template renders turns to text and returns, next to the text, the
-character spans that are supervised: each assistant reply followed by its end-of-turn string.
+character spans that are supervised: each assistant reply followed by its end-of-turn string, starting
+where the generation prompt ends (`generation_start`), so the separator's trailing spaces belong to the
+reply.
 
 Labels are later derived from these spans and the fast tokenizer's offsets (see `encode.py`), so no
 template ever does token-length arithmetic — the arithmetic that silently masks whole samples in the
@@ -13,10 +15,21 @@ from dataclasses import dataclass
 IMAGE_TOKEN = "<image>"
 
 
+def generation_start(prompt: str) -> int:
+    """Where the model's own text starts after `prompt`: before the separator's trailing spaces.
+
+    Real vocabularies tokenize the space before a reply with the reply: merged into its first word
+    (`▁Red`, `ĠRed`) or split off as a lone `▁`/`Ġ` before a digit, CJK or emoji (`:`,`▁`,`1`,`2`).
+    Either way the model has to generate that token after the prompt, so the prompt a model is given
+    at inference ends here and the supervised span of a reply starts here.
+    """
+    return len(prompt.rstrip(" "))
+
+
 @dataclass(frozen=True)
 class Rendered:
     text: str
-    supervised: list[tuple[int, int]]  # [start, end) character spans, one per assistant reply
+    supervised: list[tuple[int, int]]  # [start, end) character spans, one per reply: from generation_start to eot end
     rounds: list[int]  # character offset where each round (user turn + reply) ends
 
 
@@ -47,9 +60,8 @@ class Template:
                 wrap = self.user_next if (self.user_next and spans) else self.user
                 chunk = wrap.format(msg=msg) + self.assistant_open
             else:
-                start = pos
                 chunk = msg + self.eot
-                spans.append((start, start + len(chunk)))
+                spans.append((generation_start("".join(parts)), pos + len(chunk)))
                 chunk += self.after_eot
             parts.append(chunk)
             pos += len(chunk)
@@ -60,11 +72,11 @@ class Template:
     def prompt(self, turns: list[tuple[str, str]], system: str | None = None) -> str:
         """The text a model sees before it generates the next reply (turns end with a user turn).
 
-        Trailing spaces are dropped: in training the space before a reply is tokenized with the
-        reply's first word (`Ġyellow`, `▁yellow`), so a prompt ending in a lone space token asks
-        the model for a token sequence it never saw and it stops at once.
+        It ends at `generation_start`: a prompt ending in a lone space token would ask the model for a
+        token sequence it never saw in training (it stops at once).
         """
-        return self.render(turns, system).text.rstrip(" ")
+        text = self.render(turns, system).text
+        return text[: generation_start(text)]
 
 
 _VICUNA_SYSTEM = (
