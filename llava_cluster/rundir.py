@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import socket
-import tempfile
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -45,11 +46,38 @@ def is_rank0() -> bool:
     return global_rank() == 0
 
 
+def current_umask() -> int:
+    """The process umask, read without setting it (`os.umask` can only swap it, racing other threads)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path) -> None:
+    """Give `path` (a file, or a folder and all it holds) the modes plain open()/mkdir() get under the
+    umask. Writers that go through private temp files — safetensors' `save_file`, `tempfile` — leave
+    0600 files and 0700 folders, which teammates on shared storage cannot read. Executables stay executable."""
+    path = Path(path)
+    mask = current_umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else ())]:
+        info = p.lstat()
+        if stat.S_ISDIR(info.st_mode):
+            os.chmod(p, 0o777 & ~mask)
+        elif stat.S_ISREG(info.st_mode):
+            os.chmod(p, (0o777 if info.st_mode & 0o111 else 0o666) & ~mask)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
+    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file.
+    The temp file is created 0666 so the umask decides its mode (mkstemp would make it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -74,13 +102,16 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside `final`; on success it replaces `final` in one rename.
 
-    A crash leaves only a `.tmp-*` folder, never a half-written `final`.
+    A crash leaves only a `.tmp-*` folder, never a half-written `final`. What appears has the umask's
+    modes, whatever library wrote into it (see `honour_umask`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    tmp = final.parent / f".tmp-{final.name}-{secrets.token_hex(6)}"
+    tmp.mkdir()
     try:
         yield tmp
+        honour_umask(tmp)
         if final.exists():
             old = final.with_name(f".old-{final.name}-{os.getpid()}")
             os.replace(final, old)

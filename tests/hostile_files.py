@@ -41,12 +41,16 @@ def make_special_files(folder: Path) -> dict[str, str]:
             "big.png": "image_too_large", "empty.png": "image_empty", "missing.png": "image_missing"}
 
 
+class Hung(BaseException):
+    """Not an Exception: no `except Exception` (or `except OSError`) in the code under test can swallow it."""
+
+
 @contextlib.contextmanager
 def no_hang(seconds: int = 20) -> Iterator[None]:
     """Turn a call that would block forever (a FIFO opened for reading) into a test failure."""
 
     def expire(signum: int, frame: object) -> None:
-        raise TimeoutError(f"still running after {seconds} s: it hangs")
+        raise Hung(f"still running after {seconds} s: it hangs")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from llava_cluster.errors import UserError
-from llava_cluster.rundir import atomic_write_json, is_rank0
+from llava_cluster.rundir import atomic_write_json, honour_umask, is_rank0
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -68,6 +68,7 @@ def write_artifacts(peft_model: Any, state: dict[str, torch.Tensor], out_dir: Pa
     peft_model.save_pretrained(str(tmp), state_dict=lora, safe_serialization=True)
     save_file(projector, str(tmp / PROJECTOR_FILE), metadata={"format": "pt"})
     atomic_write_json(tmp / METADATA_FILE, metadata)
+    honour_umask(tmp)  # PEFT and safetensors write 0600: unreadable to teammates on shared storage
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR_FILE, METADATA_FILE):
         os.replace(tmp / name, out_dir / name)
     shutil.rmtree(tmp, ignore_errors=True)
