@@ -70,11 +70,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def reply_windows(tok, template, turns) -> tuple[list[int], list[tuple[int, int]], list[int]]:
-    """Token ids of the rendered text, the [i, j) token window of each reply, and where each prompt ends (chars)."""
+def reply_windows(tok, template, turns) -> tuple[list[int], list[tuple[int, int]], list[tuple[int, int]]]:
+    """Token ids of the rendered text, the [i, j) token window of each reply, and each reply's
+    [generation prompt end, end-of-turn end) in characters."""
     text = template.render(turns).text
     full = ids(tok, text)
-    windows, prompt_ends, search_from = [], [], 0
+    windows, chars, search_from = [], [], 0
     for k in range(1, len(turns), 2):
         prompt = template.render(turns[:k]).text.rstrip(" ")
         assert template.prompt(turns[:k]) == prompt and text.startswith(prompt)
@@ -82,8 +83,8 @@ def reply_windows(tok, template, turns) -> tuple[list[int], list[tuple[int, int]
         end = text.index(closed, max(len(prompt), search_from)) + len(closed)
         search_from = end
         windows.append((common_prefix(ids(tok, prompt), full), common_prefix(ids(tok, text[:end]), full)))
-        prompt_ends.append(len(prompt))
-    return full, windows, prompt_ends
+        chars.append((len(prompt), end))
+    return full, windows, chars
 
 
 def expected_encoding(tok, template, sample, rounds: int | None = None) -> tuple[list[int], list[int]]:
@@ -109,7 +110,7 @@ def assert_nothing_of_the_prompt(tok, template, sample, enc) -> None:
     turns = conversation_turns(sample)
     text = template.render(turns).text
     full = tok(text, return_offsets_mapping=True)
-    _, windows, prompt_ends = reply_windows(tok, template, turns)
+    _, _, chars = reply_windows(tok, template, turns)
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     expanded = [o for t, o in zip(full["input_ids"], full["offset_mapping"], strict=True)
                 for _ in range(IMAGE_SEQ if t == image_id else 1)]
@@ -118,8 +119,7 @@ def assert_nothing_of_the_prompt(tok, template, sample, enc) -> None:
     for n in supervised:
         assert enc.input_ids[n] != image_id
         _, end = expanded[n]
-        assert any(p < end for p in prompt_ends), (n, expanded[n])
-        assert end <= len(text)
+        assert any(prompt_end < end <= reply_end for prompt_end, reply_end in chars), (n, expanded[n], chars)
 
 
 @pytest.mark.parametrize("template", sorted(TEMPLATES))
