@@ -117,12 +117,19 @@ class Evaluator:
         return total / max(count, 1)
 
 
-def _scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    n = max(len(references), 1)
-    return {
-        "exact_match": sum(map(exact_match, predictions, references)) / n,
-        "token_f1": sum(map(token_f1, predictions, references)) / n,
-    }
+SCORING = ("exact_match: prediction and reference equal after lower-casing, removing punctuation and "
+           "collapsing whitespace; token_f1: F1 of the normalised words; eval_loss: mean cross-entropy of the "
+           "reference reply's tokens, teacher-forced")
+
+
+def sample_scores(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """Per-sample scores, the input of the means and of the paired statistics."""
+    return {"exact_match": list(map(exact_match, predictions, references)),
+            "token_f1": list(map(token_f1, predictions, references))}
+
+
+def _means(scores: dict[str, list[float]]) -> dict[str, float]:
+    return {metric: sum(values) / max(len(values), 1) for metric, values in scores.items()}
 
 
 def _resolve(model_dir: Path, base: Path | None) -> tuple[str, str | None, dict[str, Any]]:
@@ -159,8 +166,12 @@ def _load(kind: str, model_dir: Path, base: str | None) -> tuple[Any, Any]:
 def validate(model_dir: Path, data: Path, image_folder: Path | None, out_dir: Path, base: Path | None = None,
              template: str | None = None, max_samples: int | None = 200, batch_size: int = 8,
              max_new_tokens: int = 64, compare_base: bool = True, max_length: int = 2048,
-             aspect: str | None = None, metrics_log: Path | None = None) -> dict[str, Any]:
+             aspect: str | None = None, metrics_log: Path | None = None,
+             provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score the model (and the base) on `data`; `provenance` adds what the caller knows (e.g. the spec)."""
+    from llava_cluster.provenance import environment, training_summary
     from llava_cluster.report import write_report
+    from llava_cluster.validate_stats import compare, grouped
 
     kind, base_path, meta = _resolve(Path(model_dir), base)
     template = template or meta.get("template") or "vicuna_v1"
@@ -173,6 +184,7 @@ def validate(model_dir: Path, data: Path, image_folder: Path | None, out_dir: Pa
     if compare_base and base_path:
         contenders.append(("base", "merged", Path(base_path)))
     samples: list[dict[str, Any]] = []
+    per_sample: dict[str, dict[str, list[float]]] = {}
     for label, how, path in contenders:
         model, processor = _load(how, path, base_path)
         ev = Evaluator(model, processor, Path(data), image_folder, template, aspect, max_length)
@@ -181,11 +193,20 @@ def validate(model_dir: Path, data: Path, image_folder: Path | None, out_dir: Pa
         err_console.print(f"validating {label}: {path} on {len(indices)} samples")
         answers[label] = ev.generate(indices, batch_size, max_new_tokens)
         references = [s["conversations"][-1]["value"] for s in samples]
-        results[label] = {**_scores(answers[label], references), "eval_loss": ev.eval_loss(indices, batch_size)}
+        per_sample[label] = sample_scores(answers[label], references)
+        results[label] = {**_means(per_sample[label]), "eval_loss": ev.eval_loss(indices, batch_size)}
         del model, ev
 
     metrics = {"samples": len(samples), "template": template, "model": str(model_dir), "base_model": base_path,
-               **results}
+               **results, "groups": grouped(samples, per_sample)}
+    if "base" in per_sample:
+        metrics["comparison"] = compare(per_sample["base"], per_sample["finetuned"])
+    metrics["provenance"] = {
+        **environment(), "model_kind": kind, "adapter_step": meta.get("step"), "spec_digest": meta.get("spec_digest"),
+        "method": meta.get("method"), "template": template,
+        "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size},
+        "scoring": SCORING, "training": training_summary(metrics_log), **(provenance or {}),
+    }
     out_dir = Path(out_dir)
     rows = []
     for i, sample in enumerate(samples):
@@ -193,7 +214,7 @@ def validate(model_dir: Path, data: Path, image_folder: Path | None, out_dir: Pa
             "id": sample.get("id"), "image": sample.get("image"),
             "prompt": sample["conversations"][-2]["value"], "reference": references[i],
             **{f"{label}_prediction": answers[label][i] for label in answers},
-            **{f"{label}_exact_match": exact_match(answers[label][i], references[i]) for label in answers},
+            **{f"{label}_{metric}": values[i] for label in per_sample for metric, values in per_sample[label].items()},
         })
     atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_json(out_dir / "metrics.json", metrics)
@@ -213,6 +234,16 @@ def print_metrics(metrics: dict[str, Any], out_dir: Path) -> None:
             m = metrics[label]
             table.add_row(label, f"{m['exact_match']:.1%}", f"{m['token_f1']:.3f}", f"{m['eval_loss']:.3f}")
     console.print(table)
+    comparison = metrics.get("comparison")
+    if comparison:
+        em, f1 = comparison["exact_match"], comparison["token_f1"]
+        changed = comparison["changes"]["exact_match"]
+        console.print(
+            f"exact match {metrics['base']['exact_match']:.0%} -> {metrics['finetuned']['exact_match']:.0%} "
+            f"({em['delta'] * 100:+.0f} points, 95% CI {em['ci_low'] * 100:+.0f} to {em['ci_high'] * 100:+.0f}; "
+            f"McNemar p={comparison['mcnemar_exact_match']['p_value']:.2g}), token F1 {f1['delta']:+.3f} "
+            f"(95% CI {f1['ci_low']:+.3f} to {f1['ci_high']:+.3f}); {changed['improved']} improved, "
+            f"{changed['regressed']} regressed, {changed['unchanged']} unchanged", highlight=False)
     console.print(f"report: {out_dir / 'report.html'}")
 
 
@@ -225,7 +256,8 @@ def validate_stage(spec: RunSpec, run: RunDir) -> int:
                        run.validate_dir, base=Path(spec.model.base), template=spec.model.template,
                        max_samples=v.max_samples, batch_size=v.batch_size, max_new_tokens=v.max_new_tokens,
                        compare_base=v.compare_base, max_length=spec.data.max_length,
-                       aspect=spec.data.image_aspect_ratio, metrics_log=run.logs_dir / "train_metrics.jsonl")
+                       aspect=spec.data.image_aspect_ratio, metrics_log=run.logs_dir / "train_metrics.jsonl",
+                       provenance={"run": spec.name, "spec_digest": spec.digest(), "spec": spec.to_dict()})
     print_metrics(metrics, run.validate_dir)
     return 0
 

@@ -48,6 +48,15 @@ def test_validate_an_adapter_writes_predictions_metrics_and_report(tmp_path, tin
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["samples"] == 6 and metrics["base_model"] == str(tiny_dir.model)
     assert metrics["finetuned"]["eval_loss"] == pytest.approx(metrics["base"]["eval_loss"], rel=1e-5)
+    comparison = metrics["comparison"]  # the same answers: no difference, and the statistics say so
+    assert (comparison["exact_match"]["delta"], comparison["exact_match"]["ci_low"],
+            comparison["exact_match"]["ci_high"]) == (0.0, 0.0, 0.0)
+    assert comparison["mcnemar_exact_match"] == {"base_only": 0, "finetuned_only": 0, "p_value": 1.0}
+    assert comparison["changes"]["exact_match"] == {"improved": 0, "regressed": 0, "unchanged": 6}
+    assert sum(g["samples"] for g in metrics["groups"]["modality"].values()) == 6
+    provenance = metrics["provenance"]
+    assert provenance["libraries"]["torch"] and provenance["device"] == "cpu"
+    assert provenance["model_kind"] == "adapter" and provenance["generation"]["max_new_tokens"] == 3
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 6
     assert all(r["finetuned_prediction"] == r["base_prediction"] for r in rows)
