@@ -120,6 +120,19 @@ def test_supervised_tokens_decode_to_replies(tokenizer, template, kind):
     assert enc.full_length == len(enc.input_ids) and enc.lost_tokens == 0 and enc.dropped_rounds == 0
 
 
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_reply_span_starts_where_the_generation_prompt_ends(template):
+    """One rule for training and inference: the supervised span of a reply begins exactly where the prompt
+    a model is given at inference ends, so the separator's trailing space is part of the reply."""
+    tpl = TEMPLATES[template]
+    turns = conversation_turns(SAMPLES["multi_turn"])
+    rendered = tpl.render(turns)
+    for k, (start, end) in zip(range(1, len(turns), 2), rendered.supervised, strict=True):
+        prompt = tpl.prompt(turns[:k])
+        assert rendered.text.startswith(prompt) and start == len(prompt)
+        assert rendered.text[start:end].lstrip(" ") == turns[k][1] + tpl.eot
+
+
 def test_image_moves_to_front_of_first_turn(tiny_tokenizer):
     turns = conversation_turns(SAMPLES["one_turn"])
     assert turns[0] == ("user", "<image>\nWhat colour is the shape?")
