@@ -9,6 +9,7 @@ each test checks its own: sacct states, state files, artifacts.
               adapter is compared with chain's
   failing     train on broken data: train FAILED, merge/validate CANCELLED, states say why
   limit       a stage that is always preempted (max_requeues=1): requeued once, then failed clearly
+and, on their own: a run submitted from a shell whose PATH lacks the venv; a run still queued.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def tiny_spec(tiny, storage: Path, name: str, **changes) -> dict:
                      "save_steps": 5, "logging_steps": 1,
                      "deepspeed_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
         "resources": {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 1, "time": "00:20:00"},
-        "slurm": {"python": str(VENV_BIN / "llava-cluster"), "max_requeues": 2},
+        "slurm": {"max_requeues": 2},  # the stage runs with the worker's interpreter: no venv on PATH needed
         "validation": {"max_samples": 8, "batch_size": 8, "max_new_tokens": 4},
         "merge": {"dtype": "fp32"},
         "env": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
@@ -307,3 +308,27 @@ def test_a_run_still_queued_is_not_submitted_twice(tiny_dir, tmp_path):
             slurm.submit(spec, ["train"], dry_run=False)
     finally:
         subprocess.run(["scancel", job], check=False)
+
+
+def test_submit_from_a_shell_without_the_venv_runs_every_stage(tiny_dir, tmp_path):
+    """With no container the stage runs as `<worker python> -m llava_cluster.cli`: a bare `llava-cluster`
+    would be looked up on the job's PATH, which sbatch copies from a shell that never activated the venv."""
+    spec = tiny_spec(tiny_dir, tmp_path, "no-venv", optim__max_steps=2)
+    spec_file = tmp_path / "no-venv.yaml"
+    spec_file.write_text(json.dumps(spec))
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and Path(p).resolve() != VENV_BIN.resolve())
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"} | {"PATH": path}
+    assert shutil.which("llava-cluster", path=path) is None and shutil.which("sbatch", path=path)
+    submitted = subprocess.run([str(VENV_BIN / "llava-cluster"), "submit", str(spec_file), "--backend", "slurm"],
+                               capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    run = RunDir(spec_from_dict(spec).run_dir)
+    ids = [i for s in ("train", "merge", "validate") for i in job_ids(run, s)]
+    deadline = time.time() + WAIT_SECONDS
+    while queued(ids) and time.time() < deadline:
+        time.sleep(1)
+    consoles = "".join(p.read_text() for p in (run.logs_dir / "slurm").glob("*_log.out"))
+    assert "FileNotFoundError" not in consoles
+    assert [state for _, state in sacct(ids)] == ["COMPLETED"] * 3, consoles[-3000:]
+    assert_full_run(run)

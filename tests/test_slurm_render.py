@@ -421,3 +421,13 @@ def test_pipeline_passes_the_absolute_llava_cluster_of_the_submitting_shell(tmp_
     assert result["rc"] == 0, result["out"]
     recorded = (stubs[1] / "sbatch.env").read_text().split("\0")[:-1]
     assert recorded == [str(venv_bin / "llava-cluster")]
+
+
+def test_standalone_stage_says_when_llava_cluster_is_not_on_the_nodes_path(tmp_path, stubs):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "spec.yaml").write_text("name: x\n")
+    result = run_with_stubs(stubs, REPO / "slurm/validate.sbatch", {
+        "RUN_DIR": str(run_dir), "LLAVA_SLURM_DIR": str(REPO / "slurm"), "LLAVA_CLUSTER": "/nowhere/llava-cluster"})
+    assert result["rc"] == 2 and result["srun"] is None
+    assert "/nowhere/llava-cluster not found on this node's PATH: set LLAVA_CLUSTER" in result["out"]
