@@ -32,6 +32,8 @@ STATUSES = ("pending", "running", "preempted", "succeeded", "failed", "cancelled
 COMPLETE_MARKER = "COMPLETE"
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a stage stopped on request after saving; run it again to resume
 STOP_FILE = "STOP"  # in train/: its presence asks every rank to checkpoint and stop
+HEARTBEAT_SECONDS = 60.0  # how often rank 0 of a running stage rewrites state/<stage>.heartbeat.json
+STALE_AFTER_SECONDS = 600.0  # no heartbeat for this long: the stage's process is taken for dead
 
 
 def global_rank() -> int:
@@ -124,6 +126,17 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
 
 
+def complete_checkpoints(train_dir: Path) -> list[Path]:
+    """`checkpoint-<step>` folders holding their COMPLETE marker, oldest first."""
+    found = []
+    if train_dir.is_dir():
+        for p in train_dir.glob("checkpoint-*"):
+            step = p.name.removeprefix("checkpoint-")
+            if step.isdigit() and (p / COMPLETE_MARKER).is_file():
+                found.append((int(step), p))
+    return [p for _, p in sorted(found)]
+
+
 @dataclass
 class StageState:
     stage: str
@@ -161,13 +174,7 @@ class RunDir:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first. A checkpoint without its marker was cut short."""
-        found = []
-        if self.train_dir.is_dir():
-            for p in self.train_dir.glob("checkpoint-*"):
-                step = p.name.removeprefix("checkpoint-")
-                if step.isdigit() and (p / COMPLETE_MARKER).exists():
-                    found.append((int(step), p))
-        return [p for _, p in sorted(found)]
+        return complete_checkpoints(self.train_dir)
 
     def last_checkpoint(self) -> Path | None:
         ckpts = self.checkpoints()
@@ -202,6 +209,50 @@ class RunDir:
         state.host = socket.gethostname()
         self.write_state(state)
         return state
+
+    def heartbeat_path(self, stage: str) -> Path:
+        return self.state_dir / f"{stage}.heartbeat.json"
+
+    def beat(self, stage: str) -> None:
+        """Say that `stage` is alive: this process's pid, host and the time, written atomically."""
+        atomic_write_json(self.heartbeat_path(stage),
+                          {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+
+    def read_heartbeat(self, stage: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.heartbeat_path(stage).read_text())
+        except (OSError, ValueError):
+            return None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold this run for one submit: a second one is refused while the first lives. The kernel drops
+        the lock when its holder dies (kill -9 included), so a dead submit never blocks the next."""
+        import fcntl
+
+        from llava_cluster.errors import UserError
+
+        path = self.state_dir / "run.lock"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                except ValueError:
+                    holder = {}
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
+                raise UserError(f"run {self.root.name} is already being run by pid {holder.get('pid', '?')} on "
+                                f"host {holder.get('host', '?')} (since {since}, lock {path}); wait for it to "
+                                f"finish or stop that process, then submit again") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                      "time": time.time()}).encode(), 0)
+            yield
+        finally:
+            os.close(fd)
 
     def mark_done(self, stage: str, error: str | None = None) -> StageState:
         return self.update_state(

@@ -245,3 +245,116 @@ def test_preemption_signal_saves_checkpoint_and_exits_75(tmp_path, tiny_dir):
     assert run.last_checkpoint() is not None
     assert_complete_save(run.last_checkpoint())
     assert not run.final_dir.exists()
+
+
+# A checkpoint whose COMPLETE marker cannot be written: the window in which HF's own rotation used to
+# delete the previous checkpoint. The write fails as a full disk would (ENOSPC from the marker's write).
+FAULT_AT_MARKER = """
+import errno, sys
+from llava_cluster.train import trainer
+real = trainer.atomic_write_text
+def full_disk(path, text):
+    if path.name == "COMPLETE" and path.parent.name == sys.argv[2]:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    real(path, text)
+trainer.atomic_write_text = full_disk
+from llava_cluster.cli import main
+sys.exit(main(["stage", "train", "--run-dir", sys.argv[1]]))
+"""
+
+# constant LR: a step trained twice, or once too often, changes every tensor
+ROTATE = dict(resources__gpus_per_node=1, optim__max_steps=3, optim__scheduler="constant", optim__warmup_ratio=0.0,
+              training__save_steps=2, training__save_total_limit=1, data__eval=None)
+
+
+@pytest.fixture(scope="module")
+def rotated(tmp_path_factory, tiny_dir):
+    """One run, limit 1: killed (disk full) between checkpoint-3's save and its marker; checkpoint-2 kept aside;
+    then resumed with SIGUSR2 arriving during the last step."""
+    import signal
+
+    from llava_cluster.rundir import RunDir
+
+    tmp = tmp_path_factory.mktemp("rotate")
+    run = RunDir(freeze(write_spec(tmp, tiny_dir, "rotate", **ROTATE)))
+    faulted = subprocess.run([sys.executable, "-c", FAULT_AT_MARKER, str(run.root), "checkpoint-3"], env=ENV,
+                             capture_output=True, text=True, timeout=400, cwd=REPO)
+    after_fault = {"code": faulted.returncode, "stderr": faulted.stderr, "state": run.read_state("train"),
+                   "complete": [p.name for p in run.checkpoints()],
+                   "folders": sorted(p.name for p in run.train_dir.glob("checkpoint-*"))}
+    shutil.copytree(run.train_dir / "checkpoint-2", tmp / "kept-checkpoint-2")
+    proc = subprocess.Popen([sys.executable, "-m", "llava_cluster.cli", "stage", "train", "--run-dir", str(run.root)],
+                            env=ENV, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "resuming from" in line:
+            proc.send_signal(signal.SIGUSR2)  # seen at the end of step 3, the last one
+            break
+    lines.append(proc.stderr.read())
+    proc.wait(timeout=400)
+    return {"run": run, "tmp": tmp, "after_fault": after_fault, "code": proc.returncode, "stderr": "".join(lines)}
+
+
+@pytest.mark.slow
+def test_rotation_keeps_the_last_complete_checkpoint_until_the_new_one_is_complete(rotated):
+    fault = rotated["after_fault"]
+    assert fault["code"] == 1, fault["stderr"][-3000:]
+    assert fault["complete"] == ["checkpoint-2"], fault
+    assert fault["folders"] == ["checkpoint-2", "checkpoint-3"]
+    assert fault["state"].status == "failed"
+
+
+@pytest.mark.slow
+def test_resume_then_rotation_keeps_one_checkpoint_and_a_stop_in_the_last_step_still_succeeds(rotated):
+    run, err = rotated["run"], rotated["stderr"]
+    assert rotated["code"] == 0, err[-4000:]
+    assert "checkpoint-2" in err and "stop requested during the last step" in err
+    assert [p.name for p in run.checkpoints()] == ["checkpoint-3"]
+    assert sorted(p.name for p in run.train_dir.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert run.read_state("train").status == "succeeded"
+    assert_complete_save(run.final_dir)
+
+
+@pytest.mark.slow
+def test_resume_from_the_last_step_trains_nothing_and_keeps_the_result(rotated, tmp_path, tiny_dir):
+    from llava_cluster.rundir import RunDir
+
+    done = rotated["run"]
+    again = RunDir(freeze(write_spec(tmp_path, tiny_dir, "at-end", **ROTATE)))
+    shutil.copytree(done.train_dir / "checkpoint-3", again.train_dir / "checkpoint-3")
+    proc = stage("train", again.root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "nothing left to train" in proc.stderr
+    assert not (again.logs_dir / "train_metrics.jsonl").exists(), "a step was trained past max_steps"
+    for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors", "llava_cluster.json"):
+        assert (again.final_dir / name).read_bytes() == (done.final_dir / name).read_bytes(), name
+    assert again.read_state("train").status == "succeeded"
+
+
+@pytest.mark.slow
+def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(rotated, tmp_path, tiny_dir):
+    from llava_cluster.rundir import RunDir
+
+    marker = tmp_path / "PWNED"
+    run = RunDir(freeze(write_spec(tmp_path, tiny_dir, "planted", **ROTATE)))
+    ckpt = run.train_dir / "checkpoint-2"
+    shutil.copytree(rotated["tmp"] / "kept-checkpoint-2", ckpt)
+    target = ckpt / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    assert target.is_file()
+    subprocess.run([sys.executable, "-c", PAYLOAD, str(target), str(marker)], check=True)
+    proc = stage("train", run.root)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert not marker.exists(), "the planted pickle ran"
+    assert "unsafe or corrupt checkpoint" in proc.stderr and target.name in proc.stderr.replace("\n", "")
+    state = run.read_state("train")
+    assert state.status == "failed" and str(target) in state.error
+
+
+PAYLOAD = """
+import os, sys, torch
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {sys.argv[2]}",))
+torch.save({"optimizer_state_dict": Payload()}, sys.argv[1])
+"""

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+from pathlib import Path
 
 from llava_cluster.console import err_console
-from llava_cluster.rundir import PREEMPTED_EXIT, STOP_FILE, RunDir, is_rank0
+from llava_cluster.rundir import PREEMPTED_EXIT, STOP_FILE, RunDir, atomic_dir, is_rank0
 from llava_cluster.spec import RunSpec
-from llava_cluster.train import preemption
+from llava_cluster.train import checkpoint_safety, preemption
 
 FORMAT_VERSION = 1
 
@@ -51,13 +53,36 @@ def metadata(spec: RunSpec) -> dict:
     }
 
 
-def _drop_incomplete_checkpoints(run: RunDir) -> None:
+def drop_incomplete_checkpoints(run: RunDir) -> None:
     """A checkpoint cut short (no COMPLETE marker) is never resumed from; clear it so the same step
     can be saved again cleanly."""
     complete = set(run.checkpoints())
     for path in run.train_dir.glob("checkpoint-*"):
         if path not in complete:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("checkpoint-"))
+
+
+def reached_the_end(checkpoint: Path, spec: RunSpec) -> bool:
+    """A checkpoint at (or past) the last step: resuming from it must train nothing more. HF would run
+    one more step (31 of 30) since it only stops at the end of a step."""
+    last = spec.optim.max_steps
+    if last <= 0:  # epochs: the Trainer recorded the step count it computed
+        last = json.loads((checkpoint / "trainer_state.json").read_text())["max_steps"]
+    return checkpoint_step(checkpoint) >= last
+
+
+def finish_from(checkpoint: Path, run: RunDir) -> None:
+    """`train/final` is the last checkpoint's adapter + projector + metadata, byte for byte."""
+    from llava_cluster.train.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA_FILE, PROJECTOR_FILE
+
+    if is_rank0():
+        with atomic_dir(run.final_dir) as tmp:
+            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR_FILE, METADATA_FILE):
+                shutil.copyfile(checkpoint / name, tmp / name)
 
 
 def train(spec: RunSpec, run: RunDir) -> int:
@@ -79,6 +104,15 @@ def train(spec: RunSpec, run: RunDir) -> int:
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    checkpoint_safety.force_weights_only()
+    resume = run.last_checkpoint()
+    if resume is not None:
+        checkpoint_safety.check_checkpoint(resume)
+        if reached_the_end(resume, spec):
+            if is_rank0():
+                err_console.print(f"{resume.name} is the last step: nothing left to train, it becomes train/final")
+            finish_from(resume, run)
+            return 0
     init_distributed(use_cuda)
     ds_config = load_deepspeed_config(spec)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.logs_dir / "tensorboard")
@@ -104,7 +138,7 @@ def train(spec: RunSpec, run: RunDir) -> int:
         gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # LlavaTrainer rotates, after the new checkpoint is COMPLETE
         eval_strategy="steps" if eval_on else "no",
         eval_steps=t.eval_steps if eval_on else None,
         logging_steps=t.logging_steps,
@@ -161,18 +195,21 @@ def train(spec: RunSpec, run: RunDir) -> int:
         offload_optimizer=offloads_optimizer(ds_config),
         metadata=metadata(spec),
         pack_length=pack_length,
+        keep_checkpoints=t.save_total_limit,
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the same, once
     if is_rank0():
-        _drop_incomplete_checkpoints(run)
+        drop_incomplete_checkpoints(run)
         (run.train_dir / STOP_FILE).unlink(missing_ok=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    resume = run.last_checkpoint()
     if resume and is_rank0():
         err_console.print(f"resuming from {resume}")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if stop.preempted:
+    if stop.preempted and trainer.state.global_step >= trainer.state.max_steps:
+        if is_rank0():
+            err_console.print("stop requested during the last step: finishing the run instead")
+    elif stop.preempted:
         if is_rank0():
             err_console.print(f"[yellow]stopped on request after step {trainer.state.global_step}: "
                               f"checkpoint saved, re-run to resume[/]")

@@ -3,13 +3,14 @@ that always hold adapter + projector + metadata and are marked complete only whe
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer
 
-from llava_cluster.rundir import COMPLETE_MARKER, atomic_write_text, is_rank0
+from llava_cluster.rundir import COMPLETE_MARKER, atomic_write_text, complete_checkpoints, is_rank0
 from llava_cluster.train.artifacts import gather_trainable_state, write_artifacts
 from llava_cluster.train.model_setup import PROJECTOR
 
@@ -30,6 +31,19 @@ def param_groups(model: torch.nn.Module, decay_names: set[str], weight_decay: fl
             "name": f"{'projector' if is_projector else 'lora'}_{'decay' if decays else 'no_decay'}",
         })
     return groups
+
+
+def rotate_checkpoints(train_dir: Path, keep: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond `keep`, marker first (a folder half deleted is never
+    taken for complete). Called only once the newest checkpoint is marked complete: HF's own rotation runs
+    inside its save, before our marker, and a kill there left no complete checkpoint at all."""
+    if not keep:
+        return []
+    old = complete_checkpoints(train_dir)[:-keep]
+    for path in old:
+        (path / COMPLETE_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+    return old
 
 
 class ImageInEveryBatch:
@@ -64,8 +78,11 @@ class ImageInEveryBatch:
 
 class LlavaTrainer(Trainer):
     def __init__(self, *args: Any, projector_lr: float, offload_optimizer: bool, metadata: dict[str, Any],
-                 pack_length: int | None = None, **kwargs: Any) -> None:
+                 pack_length: int | None = None, keep_checkpoints: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.args.save_total_limit:
+            raise ValueError("pass keep_checkpoints, not save_total_limit: HF rotates before our COMPLETE marker")
+        self.keep_checkpoints = keep_checkpoints
         self.pack_length = pack_length
         self.projector_lr = projector_lr
         self.offload_optimizer = offload_optimizer
@@ -127,3 +144,4 @@ class LlavaTrainer(Trainer):
         if is_rank0():
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             atomic_write_text(folder / COMPLETE_MARKER, f"{self.state.global_step}\n")
+            rotate_checkpoints(Path(self.args.output_dir), self.keep_checkpoints)
