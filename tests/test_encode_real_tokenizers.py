@@ -59,6 +59,11 @@ def real_tok(request):
     return request.param, load_real_tokenizer(request.param, EXTRA_SPECIAL[request.param])
 
 
+@pytest.fixture(scope="module")
+def llama2_tok():
+    return load_real_tokenizer("llama2", EXTRA_SPECIAL["llama2"])
+
+
 def ids(tok, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=True)["input_ids"])
 
@@ -168,9 +173,9 @@ def test_truncation_keeps_exact_ids_of_whole_rounds(real_tok, template, rounds):
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "llava_llama_2", "mistral_instruct"])
 @pytest.mark.parametrize("case", ["digit", "cjk", "emoji"])
-def test_llama2_lone_space_piece_is_supervised(template, case):
+def test_llama2_lone_space_piece_is_supervised(llama2_tok, template, case):
     """`ASSISTANT: 12` is `:`,`▁`,`1`,`2`: the lone `▁` is the first supervised id (the original LLaVA's too)."""
-    tok = load_real_tokenizer("llama2", EXTRA_SPECIAL["llama2"])
+    tok = llama2_tok
     tpl = TEMPLATES[template]
     sample = image_sample("What is shown?", REPLIES[case])
     enc = encode_sample(sample, tok, tpl, IMAGE_SEQ, max_length=None)
