@@ -41,8 +41,8 @@ _K8S_QUANTITY = re.compile(r"\d+(\.\d+)?([KMGTPE]i|[kMGTPE])?")
 # Secrets must not be written into a spec: it is stored in clear (spec.yaml, the ConfigMap, the sbatch
 # script, pod env). A key ending like a secret's name, or a value shaped like a known token.
 _SECRET_KEY = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIALS?)$|PASSWORD|SECRET", re.IGNORECASE)
-_SECRET_VALUE = re.compile(r"hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|sk-[\w-]{20,}"
-                           r"|AKIA[0-9A-Z]{16}|xox[abprs]-[\w-]{10,}")
+_SECRET_VALUE = re.compile(r"(?<![A-Za-z0-9])(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}"
+                           r"|sk-[\w-]{20,}|AKIA[0-9A-Z]{16}|xox[abprs]-[\w-]{10,})")
 _FLAG_VALUES = {"", "0", "1", "true", "false", "yes", "no", "on", "off"}
 SECRET_HINT = (
     "a spec is stored in clear (spec.yaml in the run directory, the Kubernetes ConfigMap and pod env, the "
@@ -445,12 +445,12 @@ class _SpecLoader(yaml.SafeLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            raise ComposerError(None, None, "YAML aliases (*name) are not allowed in a run spec; "
-                                              "write the values out", self.peek_event().start_mark)
+            raise ComposerError(None, None, "YAML aliases (*name) are not allowed in a run spec; write the "
+                                "values out", self.peek_event().start_mark)
         depth = self._depth + 1
         if depth > MAX_SPEC_DEPTH:
             raise ComposerError(None, None, f"nested deeper than {MAX_SPEC_DEPTH} levels",
-                                              self.peek_event().start_mark)
+                                self.peek_event().start_mark)
         self._depth = depth
         try:
             return super().compose_node(parent, index)

@@ -295,7 +295,7 @@ def test_secret_looking_env_entries_are_refused_with_each_backends_way(tmp_path,
 
 @pytest.mark.parametrize("key, value", [
     ("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("HF_TOKEN_PATH", "/home/u/tok"),
-    ("NCCL_SOCKET_IFNAME", "ib0"), ("HF_HUB_OFFLINE", "1"),
+    ("NCCL_SOCKET_IFNAME", "ib0"), ("HF_HUB_OFFLINE", "1"), ("RUN_TAG", "task-abcdefghijklmnopqrstuvwxyz0123"),
 ])
 def test_ordinary_env_entries_pass(tmp_path, key, value):
     assert load_spec(write(tmp_path, env={key: value})).env == {key: value}
