@@ -81,11 +81,17 @@ def _logits(model: Any, batch: dict[str, Any]) -> Any:
 
 
 def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None = None, into: str = "base",
-                  dtype: str | None = None, verify: bool = True, streaming: bool | None = None) -> MergeResult:
+                  dtype: str | None = None, verify: bool = True, streaming: bool | None = None,
+                  overwrite: bool = True) -> MergeResult:
+    """Merge `adapter` into its base and write `out`; `overwrite=False` refuses an existing non-empty `out`."""
     from llava_cluster.train.artifacts import apply_projector, check_artifacts, read_metadata
 
     adapter = check_artifacts(adapter)
     meta = read_metadata(adapter)
+    if not overwrite and Path(out).exists() and any(Path(out).iterdir()):
+        raise UserError(f"{out} already exists and is not empty: pick another --out, or pass --overwrite to "
+                        "replace it (the new merge replaces it only once it is complete)")
+    recorded = not base
     base = str(base or meta.get("base") or "")
     if not base:
         raise UserError(f"{adapter} does not record its base model: pass --base DIR")
@@ -93,7 +99,8 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
         raise UserError("--into dequantized is for QLoRA adapters; this one was trained with "
                         f"method={meta.get('method')}")
     if not (Path(base) / "config.json").is_file():
-        raise UserError(f"base model {base} not found (no config.json there): pass --base DIR")
+        where = f"the base recorded in {adapter} ({base})" if recorded else f"--base {base}"
+        raise UserError(f"{where} is not there (no config.json): pass --base with the base model's folder")
     if dtype is None:
         dtype = stored_dtype(base)
         err_console.print(f"output dtype {dtype}: the base's stored dtype (--dtype or merge.dtype to change)",
@@ -210,11 +217,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true", help="compare merged vs base+adapter logits, fail above tolerance")
     parser.add_argument("--streaming", action="store_true", default=None,
                         help="merge one safetensors shard at a time (default: when the model would not fit in RAM)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
     def handler(args: argparse.Namespace) -> int:
         result = merge_adapter(args.adapter, args.out, base=args.base, into=args.into, dtype=args.dtype,
-                               verify=args.verify, streaming=args.streaming)
+                               verify=args.verify, streaming=args.streaming, overwrite=args.overwrite)
         if args.json:
             console.print_json(data=asdict(result))
         else:

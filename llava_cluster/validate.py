@@ -53,6 +53,22 @@ def select_indices(dataset: Any, max_samples: int | None) -> list[int]:
     return chosen
 
 
+def _check_images_reachable(data: Path, image_folder: Path | None, max_samples: int | None) -> None:
+    """Before any model loads: image samples need --image-folder, and it must be a folder."""
+    import itertools
+
+    from llava_cluster.data.reader import SampleReader
+
+    if image_folder is not None:
+        if not Path(image_folder).is_dir():
+            raise UserError(f"image folder not found: {image_folder}")
+        return
+    for record in itertools.islice(SampleReader(data), max_samples):
+        if isinstance(record.value, dict) and record.value.get("image"):
+            raise UserError(f"{data} sample {record.index} has an image ({record.value['image']!r}): pass "
+                            "--image-folder with the folder its image paths are relative to")
+
+
 class Evaluator:
     """One model (merged, base, or base + adapter) with its processor, over one held-out file."""
 
@@ -178,6 +194,7 @@ def validate(model_dir: Path, data: Path, image_folder: Path | None, out_dir: Pa
     aspect = aspect or meta.get("image_aspect_ratio") or "pad"
     if not Path(data).is_file():
         raise UserError(f"validation data not found: {data}")
+    _check_images_reachable(Path(data), image_folder, max_samples)
     results: dict[str, dict[str, Any]] = {}
     answers: dict[str, list[str]] = {}
     contenders = [("finetuned", kind, Path(model_dir))]

@@ -101,3 +101,26 @@ def test_failed_streaming_verification_keeps_the_previous_output(tiny_dir, adapt
         merge_adapter(adapter, out, base=tiny_dir.model, verify=True, streaming=True)
     assert [p.name for p in out.iterdir()] == ["earlier.txt"]
     assert not list(tmp_path.glob(".tmp-*")), "the temp folder is cleaned up"
+
+
+def test_merge_refuses_an_existing_out_unless_overwrite(tiny_dir, adapter, tmp_path, capsys):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("somebody's files")
+    args = ["merge", "--adapter", str(adapter), "--base", str(tiny_dir.model), "--out", str(out), "--streaming"]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").is_file()
+    assert main([*args, "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_a_moved_base_is_named_as_the_recorded_one(tiny_dir, adapter, tmp_path, capsys):
+    from llava_cluster.rundir import atomic_write_json
+
+    atomic_write_json(adapter / "llava_cluster.json", {"base": str(tmp_path / "moved-away"), "template": "vicuna_v1"})
+    try:
+        assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 2
+        err = capsys.readouterr().err
+        assert "the base recorded in" in err and "moved-away" in err and "pass --base" in err
+    finally:
+        (adapter / "llava_cluster.json").unlink()

@@ -65,3 +65,13 @@ def test_validate_an_adapter_writes_predictions_metrics_and_report(tmp_path, tin
     assert "data:image/png;base64," in page
     assert Path(out / "loss.png").exists() is False  # no training log given: no curve, and the page says so
     assert "no training log found" in page
+
+
+def test_validate_without_image_folder_stops_before_loading_a_model(tmp_path, tiny_dir, capsys):
+    from llava_cluster.cli import main
+
+    assert main(["validate", "--model", str(tiny_dir.model), "--data", str(tiny_dir.val), "--out",
+                 str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err
+    assert "--image-folder" in err and "sample" in err
+    assert not (tmp_path / "v").exists()
