@@ -88,6 +88,7 @@ def reply_windows(tok, template, turns) -> tuple[list[int], list[tuple[int, int]
         end = text.index(closed, max(len(prompt), search_from)) + len(closed)
         search_from = end
         windows.append((common_prefix(ids(tok, prompt), full), common_prefix(ids(tok, text[:end]), full)))
+        assert windows[-1][0] < windows[-1][1], f"reply {k} has no ids of its own"
         chars.append((len(prompt), end))
     return full, windows, chars
 
