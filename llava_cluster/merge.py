@@ -23,6 +23,7 @@ from typing import Any
 
 from llava_cluster.console import console, err_console
 from llava_cluster.errors import UserError
+from llava_cluster.precision import SAFETENSORS_CODES, torch_dtype
 from llava_cluster.rundir import RunDir, atomic_dir, atomic_write_json
 from llava_cluster.spec import RunSpec
 
@@ -54,23 +55,16 @@ def stored_dtype(base: str | Path) -> str:
 
     from llava_cluster.merge_streaming import shard_files
 
-    names = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
     count: Counter[str] = Counter()
     for shard, keys in shard_files(Path(base)).items():
         with safe_open(Path(base) / shard, "pt") as fh:
             for key in keys:
                 piece = fh.get_slice(key)
-                if piece.get_dtype() in names:
-                    count[names[piece.get_dtype()]] += 1
+                if piece.get_dtype() in SAFETENSORS_CODES:
+                    count[SAFETENSORS_CODES[piece.get_dtype()]] += 1
     if not count:
         raise UserError(f"{base}: no floating-point weights found; pass --dtype bf16|fp16|fp32")
     return count.most_common(1)[0][0]
-
-
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def _logits(model: Any, batch: dict[str, Any]) -> Any:
@@ -135,10 +129,10 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
 
     processor = load_processor(base)
     if into == "dequantized":
-        model = load_llava(base, dtype=_torch_dtype(dtype), load_in_4bit=True, compute_dtype=_torch_dtype(dtype))
+        model = load_llava(base, dtype=torch_dtype(dtype), load_in_4bit=True, compute_dtype=torch_dtype(dtype))
         model = model.dequantize()
     else:
-        model = load_llava(base, dtype=_torch_dtype(dtype))
+        model = load_llava(base, dtype=torch_dtype(dtype))
     apply_projector(model, adapter)
     model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
@@ -149,7 +143,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
         merged.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if verify:
-            reloaded = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=_torch_dtype(dtype)).eval()
+            reloaded = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=torch_dtype(dtype)).eval()
             diff = (_logits(reloaded, batch) - reference)
             result.verification = "logits"
             result.max_abs_diff = float(diff.abs().max())

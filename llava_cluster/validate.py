@@ -166,17 +166,26 @@ def _resolve(model_dir: Path, base: Path | None) -> tuple[str, str | None, dict[
 
 
 def _load(kind: str, model_dir: Path, base: str | None) -> tuple[Any, Any]:
-    from llava_cluster.model.load import load_llava, load_processor
+    """The model on the GPU in its stored dtype when there is one (a 7B in fp32 on a 24 GB card would
+    not fit), else on the CPU in fp32 (CPU kernels for half precision are slow or missing)."""
+    import torch
 
+    from llava_cluster.merge import stored_dtype
+    from llava_cluster.model.load import load_llava, load_processor
+    from llava_cluster.precision import torch_dtype
+
+    weights = base if kind == "adapter" else model_dir
+    on_gpu = torch.cuda.is_available()
+    dtype = torch_dtype(stored_dtype(weights)) if on_gpu else torch.float32
+    model = load_llava(weights, dtype=dtype)
     if kind == "adapter":
         from peft import PeftModel
 
         from llava_cluster.train.artifacts import apply_projector
 
-        model = load_llava(base)
         apply_projector(model, model_dir)
-        return PeftModel.from_pretrained(model, str(model_dir)), load_processor(base)
-    return load_llava(model_dir), load_processor(model_dir)
+        model = PeftModel.from_pretrained(model, str(model_dir))
+    return (model.to("cuda") if on_gpu else model), load_processor(weights)
 
 
 def validate(model_dir: Path, data: Path, image_folder: Path | None, out_dir: Path, base: Path | None = None,
