@@ -18,10 +18,11 @@ from llava_cluster.cli import main
 
 SEED = 17
 RECORDS = 3000
-PREVIEWS = 40
+TOKENIZED = 1000  # the runs with --model tokenize the first records only: the tokenizer is the slow part
+PREVIEWS = 30
 
 NASTY_TEXT = ["", " ", "\t\n", "<image>", "<image><image>", "[bold red]markup[/]", "[/]", "\x00", "\x1b[2J",
-              "\u202eevil", "\ufeff", "😀" * 50, "é" * 3000, "x" * 5000, "\\", "%s%n", "{0}", "</s>", "<s>",
+              "\u202eevil", "\ufeff", "😀" * 20, "é" * 300, "x" * 1000, "\\", "%s%n", "{0}", "</s>", "<s>",
               "USER:", "ASSISTANT:", "<|im_end|>", "\r\n\r\n"]
 NASTY_PATHS = ["/etc/passwd", "../outside.png", "a/../../outside.png", "red.png\x00.txt", "", " ", ".", "..",
                "/", "sub/", "red.png/", "~/red.png", "*", "x" * 5000 + ".png", "a/" * 2000 + "b.png",
@@ -63,7 +64,7 @@ def _mutate(rng: random.Random, sample: dict, special: list[str]) -> dict:
         elif choice == 6 and isinstance(turns, list) and turns and isinstance(turns[0], dict):
             turns[0]["value"] = str(turns[0].get("value")) + rng.choice(NASTY_TEXT)
         elif choice == 7 and isinstance(turns, list):
-            sample["conversations"] = turns * rng.choice([0, 2, 60])
+            sample["conversations"] = turns * rng.choice([0, 2, 30])
         elif choice == 8:
             sample[rng.choice(["extra", "", "id ", "IMAGE"])] = rng.choice(NASTY_VALUES + NASTY_TEXT)
         else:
@@ -88,7 +89,8 @@ def _raw(rng: random.Random, sample: dict, lines: bool) -> str:
 
 @pytest.fixture(scope="module")
 def fuzz(tmp_path_factory):
-    """(folder, data.jsonl, data.json): the same seeded hostile records in both layouts."""
+    """(folder, data.jsonl, data.json, head.jsonl): the same seeded hostile records in both layouts, and
+    the first TOKENIZED of them for the runs with --model."""
     root = tmp_path_factory.mktemp("fuzz")
     folder = root / "images"
     (folder / "sub").mkdir(parents=True)
@@ -104,9 +106,11 @@ def fuzz(tmp_path_factory):
     jsonl = root / "data.jsonl"
     lines = [_raw(rng, s, lines=True) for s in samples]
     jsonl.write_bytes("\n".join(lines).encode() + b"\n\xff\xfe not utf-8\n")
+    head = root / "head.jsonl"
+    head.write_text("\n".join(lines[:TOKENIZED]) + "\n")
     listed = root / "data.json"
     listed.write_text("[" + ",\n".join(_raw(rng, s, lines=False) for s in samples) + "]")
-    return folder, jsonl, listed
+    return folder, jsonl, listed, head
 
 
 def run(capsys, *argv) -> tuple[int, str]:
@@ -122,7 +126,7 @@ def run(capsys, *argv) -> tuple[int, str]:
 
 @pytest.mark.parametrize("layout", ["jsonl", "json"])
 def test_check_reports_every_hostile_record_and_never_crashes(fuzz, capsys, layout):
-    folder, jsonl, listed = fuzz
+    folder, jsonl, listed, _ = fuzz
     data = jsonl if layout == "jsonl" else listed
     code, out = run(capsys, "data", "check", data, "--image-folder", folder, "--json", "--workers", "2")
     report = json.loads(out)
@@ -134,24 +138,24 @@ def test_check_reports_every_hostile_record_and_never_crashes(fuzz, capsys, layo
 
 
 def test_check_with_the_model_tokenizes_only_what_can_be(fuzz, tiny_dir, capsys):
-    folder, jsonl, _ = fuzz
-    code, out = run(capsys, "data", "check", jsonl, "--image-folder", folder, "--model", tiny_dir.model, "--json")
+    folder, _, _, head = fuzz
+    code, out = run(capsys, "data", "check", head, "--image-folder", folder, "--model", tiny_dir.model, "--json")
     assert code == 1 and json.loads(out)["tokens"]["longest"] > 0
 
 
 def test_stats_measures_the_sound_records_only(fuzz, tiny_dir, capsys):
-    folder, jsonl, listed = fuzz
+    folder, jsonl, listed, head = fuzz
     for data in (jsonl, listed):
         code, out = run(capsys, "data", "stats", data, "--image-folder", folder, "--image-sample", "0", "--json")
         stats = json.loads(out)
         assert code == 0 and 0 < stats["malformed"] < stats["samples"]
         assert stats["images"]["measured"] >= 2  # red.png and sub/blue.png; every special file is unreadable
-    code, out = run(capsys, "data", "stats", jsonl, "--image-folder", folder, "--model", tiny_dir.model)
+    code, out = run(capsys, "data", "stats", head, "--image-folder", folder, "--model", tiny_dir.model)
     assert code == 0 and "tokens (vicuna_v1" in out
 
 
 def test_preview_of_any_record_is_a_view_or_a_clear_error(fuzz, tiny_dir, capsys):
-    _, jsonl, _ = fuzz
+    _, jsonl, _, _ = fuzz
     indices = random.Random(SEED).sample(range(RECORDS), PREVIEWS)
     codes = [run(capsys, "data", "preview", jsonl, "--model", tiny_dir.model, "--index", i, "--max-length", 64)[0]
              for i in indices]
