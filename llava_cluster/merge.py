@@ -42,6 +42,7 @@ class MergeResult:
     method: str
     template: str
     streaming: bool
+    device: str = "cpu"  # where the in-memory merge and its verification ran
     verification: str = "none"  # "logits" (in memory), "tensors" (streaming) or "none"
     max_abs_diff: float | None = None
     rel_diff: float | None = None
@@ -67,11 +68,18 @@ def stored_dtype(base: str | Path) -> str:
     return count.most_common(1)[0][0]
 
 
+def _merge_device(streaming: bool | None) -> str:
+    """The GPU for an in-memory merge when there is one: verifying a 7B on the CPU takes minutes."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and not streaming else "cpu"
+
+
 def _logits(model: Any, batch: dict[str, Any]) -> Any:
     import torch
 
     with torch.no_grad():
-        return model(**batch).logits.float()
+        return model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float()
 
 
 def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None = None, into: str = "base",
@@ -106,6 +114,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
         from llava_cluster.merge_streaming import fits_in_memory
 
         streaming = into == "base" and not fits_in_memory(Path(base))
+    result.device = _merge_device(streaming)
     if streaming:
         if into != "base":
             raise UserError("--streaming merges into the unquantized base only (drop --into dequantized)")
@@ -135,7 +144,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
         model = load_llava(base, dtype=torch_dtype(dtype))
     apply_projector(model, adapter)
     model = PeftModel.from_pretrained(model, str(adapter))
-    model.eval()
+    model.eval().to(result.device)
     batch = probe_inputs(processor, result.template) if verify else None
     reference = _logits(model, batch) if verify else None
     merged = model.merge_and_unload()
@@ -143,7 +152,9 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
         merged.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if verify:
+            del merged, model  # the reference logits are kept; the models are not needed any more
             reloaded = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=torch_dtype(dtype)).eval()
+            reloaded.to(result.device)
             diff = (_logits(reloaded, batch) - reference)
             result.verification = "logits"
             result.max_abs_diff = float(diff.abs().max())
