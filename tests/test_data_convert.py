@@ -150,3 +150,15 @@ def test_unusable_sources_exit_2(tmp_path, capsys):
     assert "missing image, question, answer" in capsys.readouterr().err
     assert main(["data", "convert", str(tmp_path / "nope.csv"), "--format", "csv", "--out", "o.json"]) == 2
     assert "source file not found" in capsys.readouterr().err
+
+
+def test_hostile_rows_are_bad_rows_not_a_crash(tmp_path, capsys):
+    src = tmp_path / "rows.jsonl"
+    src.write_text(json.dumps({"image": "a.png", "question": "Q \ud800?", "answer": "A"}) + "\n"
+                   + '{"image": "a.png", "question": "Q", "answer": "A", "n": ' + "1" * 5000 + "}\n"
+                   + json.dumps({"image": "a.png", "question": "Q?", "answer": "A"}) + "\n")
+    code, result = convert(capsys, src, "jsonl", tmp_path / "train.json", "--skip-bad")
+    assert code == 0 and result["written"] == 1
+    problems = {p["row"]: p["message"] for p in result["problems"]}
+    assert problems["row 1"].startswith("question: a lone surrogate \\ud800 at character 2")
+    assert problems["row 2"] == "invalid JSON at line 2: an integer of 5,000 digits; at most 4,300 can be read"

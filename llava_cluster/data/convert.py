@@ -248,7 +248,12 @@ def _json_rows(src: Path) -> Iterator[tuple[str, Any]]:
     reader = SampleReader(src)
     for record in reader:
         where = f"row {record.index + 1}"
-        yield where, BadRow(f"invalid JSON at {record.error}") if record.error is not None else record.value
+        if record.error is None:
+            yield where, record.value
+        elif record.kind == "invalid_json":
+            yield where, BadRow(f"invalid JSON at {record.error}")
+        else:
+            yield where, BadRow(f"{record.field}: {record.error}")
 
 
 def render(result: ConvertResult, cap: int = 50) -> None:
