@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from llava_cluster.data.images import MAX_PIXELS
 from llava_cluster.data.templates import TEMPLATES
 from llava_cluster.errors import UserError
 
@@ -57,8 +58,10 @@ def register(parser: argparse.ArgumentParser) -> None:
                            formatter_class=fmt, description=(
                                "Read every sample of a LLaVA .json/.jsonl file and report every defect, each "
                                "with sample index, id and field: JSON syntax, ids, roles, turn order, <image> "
-                               "placement, image files (missing, empty, corrupt, outside the folder) and, with "
-                               "--model, samples that --max-length would truncate. Streams: memory stays flat."))
+                               "placement, text that is not Unicode, image files (missing, empty, corrupt, outside "
+                               f"the folder after resolving symlinks, not a regular file, over {MAX_PIXELS // 10**6} "
+                               "megapixels) and, "
+                               "with --model, samples that --max-length would truncate. Streams: memory stays flat."))
     _data_args(check)
     check.add_argument("--max-length", type=int, default=None, metavar="N",
                        help="token limit of training (default 2048); needs --model")

@@ -20,7 +20,7 @@ from typing import Any
 from llava_cluster.data.schema import image_path_problem
 from llava_cluster.errors import UserError
 
-# 64 MP: four times a 4K frame, far above what a LLaVA processor keeps (336-1344 px), and well below
+# 64 MP (8000x8000, eight 4K frames): far above what a LLaVA processor keeps (336-1344 px), and below
 # Pillow's own 89 MP warning, so Pillow never warns about an image we accept.
 MAX_PIXELS = 64_000_000
 
