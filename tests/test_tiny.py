@@ -189,3 +189,19 @@ def test_tiny_cli_json_and_bad_samples(tmp_path, capsys):
     assert main(["tiny", "--out", str(tmp_path / "u"), "--samples", "1"]) == 2
     assert "--samples must be at least 2" in capsys.readouterr().err
     assert not (tmp_path / "u").exists()
+
+
+def test_7b_shape_has_llava_1_5_7b_sizes(tiny_dir):
+    """Built on the meta device (no memory): the parameter count and image tokens of LLaVA-1.5-7B."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from llava_cluster.model.tiny import MODEL_SHAPES, build_model, build_processor
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir.model)
+    model = build_model(tokenizer, shape=MODEL_SHAPES["7b"], device="meta", dtype="bf16")
+    params = sum(p.numel() for p in model.parameters())
+    assert 7.0e9 < params < 7.1e9, params  # llava-1.5-7b-hf: 7.06 B
+    assert model.config.text_config.vocab_size == 32064 and model.config.image_seq_length == 576
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert image_seq_length(build_processor(tokenizer, MODEL_SHAPES["7b"])) == 576

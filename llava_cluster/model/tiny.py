@@ -18,17 +18,39 @@ BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IMAGE_TOKEN, *CHATML_TOKENS)
 
-IMAGE_SIZE = 32
-PATCH_SIZE = 8
-IMAGE_SEQ_LENGTH = (IMAGE_SIZE // PATCH_SIZE) ** 2  # CLS is dropped by the "default" feature strategy
-VOCAB_SIZE = 1000
 VAL_FRACTION = 0.1
 HEAD_ROW_NORM = 2.0
+VOCAB_SIZE = 1000
 
-# Sized so that LoRA r=32 + trainable projector, AdamW 2e-3, batch 8, learns the task in ~300 steps
-# on one CPU core: val exact match goes from 0% to ~75% (colour 100%, shape ~60%, text-only ~75%).
-TEXT_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
-VISION_SIZE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+
+@dataclass(frozen=True)
+class Shape:
+    """Sizes of the random model: the tiny default, or LLaVA-1.5-7B's for smoke runs on GPUs."""
+
+    text: dict[str, int]
+    vision: dict[str, int]
+    image_size: int
+    patch_size: int
+    vocab_padded_to: int | None = None  # llava-hf pads the vocabulary rows (32002 -> 32064)
+
+    @property
+    def image_seq_length(self) -> int:
+        return (self.image_size // self.patch_size) ** 2  # CLS is dropped by the "default" feature strategy
+
+
+MODEL_SHAPES = {
+    # Sized so that LoRA r=32 + trainable projector, AdamW 2e-3, batch 8, learns the task in ~300 steps
+    # on one CPU core: val exact match goes from 0% to ~75% (colour 100%, shape ~60%, text-only ~75%).
+    "tiny": Shape(text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+                  vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+                  image_size=32, patch_size=8),
+    # LLaVA-1.5-7B: Vicuna-7B + CLIP ViT-L/14 at 336 px; random weights, built in bf16 on a GPU in seconds.
+    "7b": Shape(text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+                vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+                image_size=336, patch_size=14, vocab_padded_to=32064),
+}
+TINY = MODEL_SHAPES["tiny"]
+IMAGE_SEQ_LENGTH = TINY.image_seq_length
 
 
 @dataclass(frozen=True)
@@ -87,47 +109,49 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     )
 
 
-def build_processor(tokenizer):
+def build_processor(tokenizer, shape: Shape = TINY):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
+    side = shape.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
+        patch_size=shape.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
 
 
-def build_model(tokenizer, seed: int = 0):
-    """Random fp32 weights, the same for the same seed and tokenizer."""
+def build_model(tokenizer, seed: int = 0, shape: Shape = TINY, device: str = "cpu", dtype: str = "fp32"):
+    """Random weights, the same for the same seed, tokenizer and shape."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+    from llava_cluster.precision import torch_dtype
+
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
+        vocab_size=max(len(tokenizer), shape.vocab_padded_to or 0),
+        max_position_embeddings=4096 if shape.vocab_padded_to else 2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        **TEXT_SIZE,
+        **shape.text,
     )
-    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, **VISION_SIZE)
+    vision = CLIPVisionConfig(image_size=shape.image_size, patch_size=shape.patch_size, **shape.vision)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=IMAGE_SEQ_LENGTH,
+        image_seq_length=shape.image_seq_length,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype(dtype)).eval()
     # At the usual 0.02 init the output head cannot turn a normalised hidden state into logits above
     # ~1, so LoRA (which leaves lm_head frozen, as in a real fine-tune) could never make the model
     # confident. Rows of norm ~2, like a trained head's, fix that and keep everything random.
@@ -136,16 +160,19 @@ def build_model(tokenizer, seed: int = 0):
     return model
 
 
-def build_tiny(out_dir: Path, samples: int = 600, seed: int = 0) -> TinyPaths:
-    """Write DIR/model (HF LLaVA checkpoint + processor) and DIR/data/{train,val}.json + images/."""
+def build_tiny(out_dir: Path, samples: int = 600, seed: int = 0, shape: str = "tiny", device: str = "cpu",
+               dtype: str = "fp32") -> TinyPaths:
+    """Write DIR/model (HF LLaVA checkpoint + processor) and DIR/data/{train,val}.json + images/.
+
+    `shape` "7b" writes LLaVA-1.5-7B's sizes (build it with device "cuda" and dtype "bf16": 14 GB)."""
     out_dir = Path(out_dir)
     task = make_samples(samples, seed)
     n_val = max(1, round(len(task) * VAL_FRACTION)) if len(task) > 1 else 0
     records = [s.record for s in task]
 
     tokenizer = train_tokenizer(_corpus(records))
-    processor = build_processor(tokenizer)
-    model = build_model(tokenizer, seed)
+    processor = build_processor(tokenizer, MODEL_SHAPES[shape])
+    model = build_model(tokenizer, seed, MODEL_SHAPES[shape], device, dtype)
     with atomic_dir(out_dir / "model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
