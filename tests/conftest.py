@@ -15,3 +15,11 @@ def tiny_dir(tmp_path_factory):
     from llava_cluster.model.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny"), samples=160)
+
+
+@pytest.fixture(scope="session")
+def llava_hf_dir(tmp_path_factory):
+    """HfPaths of a miniature llava-hf/llava-1.5-7b-hf (real file set, Llama-2 tokenizer) + shapes data."""
+    from llava_hf_fixture import build_llava_hf
+
+    return build_llava_hf(tmp_path_factory.mktemp("llava-hf"))

@@ -17,6 +17,24 @@ def compute_dtype(spec: RunSpec) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.training.precision]
 
 
+def hold_trainables_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The one precision rule: every trainable tensor (LoRA A/B, the projector) lives on the model in
+    the compute dtype; under bf16/fp16 DeepSpeed keeps the fp32 master copy and the Adam moments.
+
+    Training always runs under DeepSpeed, whose ZeRO-1/2/3 optimizers (and its bf16/fp16 optimizers
+    without ZeRO) flatten the trainables into one low-precision buffer per rank and update an fp32
+    copy of it, so nothing is lost by holding them in bf16. A mix is fatal: PEFT creates LoRA in fp32
+    while the projector loads in bf16, and ZeRO-3 (whose loaded weights are already partitioned, so it
+    casts nothing itself) stops in `defragment` on the two dtypes. ZeRO-2 casts every parameter itself;
+    this makes ZeRO-3, QLoRA (whose kbit preparation upcasts to fp32) and checkpoints agree with it.
+    """
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.dtype != dtype:
+            if hasattr(param, "ds_id"):  # partitioned at load: its dtype came from the DeepSpeed config
+                raise RuntimeError(f"{name} was partitioned as {param.dtype}, training runs in {dtype}")
+            param.data = param.data.to(dtype)
+
+
 def qlora_device_map(spec: RunSpec, local_rank: int) -> dict[str, Any] | None:
     """Each rank holds its own 4-bit copy on its GPU; ZeRO-3 rejects a device_map, so none there."""
     if not torch.cuda.is_available():
@@ -51,8 +69,9 @@ def build_model(spec: RunSpec, local_rank: int = 0) -> torch.nn.Module:
 
 
 def wrap_for_training(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
-    """LoRA on the language model, projector trainable, vision tower frozen; no KV cache (a cache
-    would also turn off transformers' packed-sequence masks). Shared with benchmarks/train_throughput.py."""
+    """LoRA on the language model, projector trainable, vision tower frozen, all trainables in the
+    compute dtype (`hold_trainables_in`); no KV cache (a cache would also turn off transformers'
+    packed-sequence masks). Shared with benchmarks/train_throughput.py."""
     from peft import LoraConfig, get_peft_model
 
     model.config.use_cache = False
@@ -72,6 +91,7 @@ def wrap_for_training(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
             param.requires_grad_(True)
         elif VISION in name:
             param.requires_grad_(False)
+    hold_trainables_in(model, compute_dtype(spec))
     return model
 
 
