@@ -97,6 +97,16 @@ def field(spec: RunSpec, dotted: str):
     return value
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_scaling_changes_only_sizes_and_paths(recipe, tmp_path, llava_hf_dir):
+    spec = scaled(recipe, tmp_path, llava_hf_dir)
+    assert (spec.world_size, spec.optim.max_steps, spec.optim.per_device_batch) == (RANKS, STEPS, BATCH)
+    zero3 = spec.training.deepspeed.startswith("zero3")
+    assert zero3 == (recipe != "qlora-13b-1node.yaml")
+    assert spec.training.deepspeed_overrides == (
+        {"zero_optimization": {"stage3_param_persistence_threshold": 0}} if zero3 else {})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_shipped_recipe_trains_scaled_down(recipe, tmp_path, tiny_dir, llava_hf_dir, capsys):
