@@ -3,6 +3,8 @@
     <storage>/runs/<name>/
       spec.yaml                 frozen spec (what actually ran)
       state/<stage>.json        pending|running|preempted|succeeded|failed|cancelled, attempts, job ids, timings
+      state/<stage>.heartbeat.json  pid, host, time of the running stage's rank 0, rewritten every minute
+      state/run.lock            held by a live local submit (flock: released when its holder dies)
       train/checkpoint-<step>/  resumable checkpoints (adapter + projector + trainer state)
       train/final/              the final adapter + projector + metadata
       merged/                   standard HF checkpoint + processor
@@ -233,8 +235,11 @@ class RunDir:
         from llava_cluster.errors import UserError
 
         path = self.state_dir / "run.lock"
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise UserError(f"cannot take the run lock {path}: {err.strerror}") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -247,9 +252,10 @@ class RunDir:
                 raise UserError(f"run {self.root.name} is already being run by pid {holder.get('pid', '?')} on "
                                 f"host {holder.get('host', '?')} (since {since}, lock {path}); wait for it to "
                                 f"finish or stop that process, then submit again") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                      "time": time.time()}).encode(), 0)
+            with contextlib.suppress(OSError):  # who holds it is a courtesy; the flock is the lock
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                          "time": time.time()}).encode(), 0)
             yield
         finally:
             os.close(fd)

@@ -6,17 +6,85 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
+import threading
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from llava_cluster.errors import UserError
-from llava_cluster.rundir import PREEMPTED_EXIT, STAGES, STOP_FILE, RunDir, is_rank0
+from llava_cluster.launch.parent_death import child_dies_with_us, end_with_torchrun
+from llava_cluster.rundir import HEARTBEAT_SECONDS, PREEMPTED_EXIT, STAGES, STOP_FILE, RunDir, is_rank0
 
 FAILED_EXIT = 1
+RECORDED_EXITS = {"succeeded": 0, "preempted": PREEMPTED_EXIT}
+
+
+def recorded_exit(run: RunDir, stage: str, code: int, attempts_before: int) -> int:
+    """A stage's exit is its recorded result: once this attempt has recorded success (or a preemption
+    with its checkpoint), a rank that crashes while tearing down does not turn it into a failure."""
+    state = run.read_state(stage)
+    if state.attempts > attempts_before and state.status in RECORDED_EXITS:
+        if code not in (0, RECORDED_EXITS[state.status]):
+            from llava_cluster.console import err_console
+
+            err_console.print(f"[yellow]{stage}: a process exited with code {code} after the stage recorded "
+                              f"'{state.status}'; keeping that result[/]")
+        return RECORDED_EXITS[state.status]
+    return code or FAILED_EXIT
+
+
+def record(write: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+    """Write stage state, or say plainly why it could not be written (a full disk): never a traceback."""
+    try:
+        write(*args, **kwargs)
+        return True
+    except OSError as err:
+        from llava_cluster.console import print_message
+
+        print_message("error", "bold red", f"could not record the stage state in the run directory: {err}")
+        return False
+
+
+class Heartbeat:
+    """Rank 0 of a running stage rewrites state/<stage>.heartbeat.json every HEARTBEAT_SECONDS from a
+    daemon thread, so `status` can tell a live stage from one whose process died without a word."""
+
+    def __init__(self, run: RunDir, stage: str, every: float = HEARTBEAT_SECONDS) -> None:
+        self.run, self.stage, self.every = run, stage, every
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=f"heartbeat-{stage}", daemon=True)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.run.beat(self.stage)
+            except OSError:  # a full or unreachable disk: the stage itself will say so
+                pass
+            if self.stopped.wait(self.every):
+                return
+
+    def __enter__(self) -> Heartbeat:
+        if is_rank0():
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
+class _StageLog(logging.FileHandler):
+    """The stage log; a record it cannot write (full disk) is dropped instead of printing a traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 def freeze_spec(run: RunDir, spec_file: Path, wait_seconds: float = 600) -> None:
@@ -41,7 +109,7 @@ def _attach_log(run: RunDir, stage: str) -> logging.Handler | None:
     if not is_rank0():
         return None
     run.logs_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run.log_path(stage))
+    handler = _StageLog(run.log_path(stage))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
@@ -58,16 +126,20 @@ def _run_ranks_under_torchrun(run: RunDir, stage: str, launch: object) -> int:
 
     for sig in (signal.SIGUSR2, signal.SIGTERM):
         signal.signal(sig, ask_stop)
-    proc = subprocess.Popen(torchrun_argv(launch, ["stage", stage, "--run-dir", str(run.root)]))
-    code = proc.wait()  # PEP 475: a handled signal does not interrupt the wait
+    before = run.read_state(stage).attempts
+    proc = subprocess.Popen(torchrun_argv(launch, ["stage", stage, "--run-dir", str(run.root)]),
+                            **child_dies_with_us())
+    try:
+        code = proc.wait()  # PEP 475: a handled signal does not interrupt the wait
+    finally:
+        if proc.poll() is None:  # we are being torn down: torchrun and its ranks go with us
+            proc.kill()
+    result = recorded_exit(run, stage, code, before)
     state = run.read_state(stage)
-    if state.status == "preempted":
-        return PREEMPTED_EXIT
-    if code == 0 and state.status == "succeeded":
-        return 0
-    if state.status == "running" and is_rank0() and getattr(launch, "node_rank", 0) == 0:
-        run.mark_done(stage, error=f"ranks exited with code {code} before recording a result")
-    return code or FAILED_EXIT
+    if result not in RECORDED_EXITS.values() and is_rank0() and getattr(launch, "node_rank", 0) == 0 \
+            and (state.status == "running" or state.attempts == before):
+        record(run.mark_done, stage, error=f"ranks exited with code {code} before recording a result")
+    return result
 
 
 def _execute(stage: str, run: RunDir) -> int:
@@ -89,8 +161,6 @@ def _execute(stage: str, run: RunDir) -> int:
 
 def run_stage(stage: str, run_dir: Path, spec_file: Path | None = None) -> int:
     """Run one stage as this process (one rank, or the node parent). Returns the exit code."""
-    import os
-
     from llava_cluster.launch.topology import node_launch, rank_env
 
     if stage not in STAGES:
@@ -116,6 +186,7 @@ def run_stage(stage: str, run_dir: Path, spec_file: Path | None = None) -> int:
                 return _run_ranks_under_torchrun(run, stage, launch)
         else:
             os.environ.update(ranks)
+            end_with_torchrun()
     elif not is_rank0():
         return 0  # merge and validate are one process; extra ranks have nothing to do
 
@@ -123,17 +194,23 @@ def run_stage(stage: str, run_dir: Path, spec_file: Path | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # rich progress and the stage log say it once, cleanly
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's concern
-    handler = _attach_log(run, stage)
-    run.mark_running(stage)
+    handler = None
     try:
-        code = _execute(stage, run)
+        handler = _attach_log(run, stage)
+        run.mark_running(stage)
+        with Heartbeat(run, stage):
+            code = _execute(stage, run)
     except UserError as err:
         logging.getLogger("llava_cluster").error(err.message)
-        run.mark_done(stage, error=err.message)
+        record(run.mark_done, stage, error=err.message)
         raise
     except Exception as err:  # a bug or an environment failure: keep the traceback, say where it is
+        from llava_cluster.diskfull import is_disk_full
+
+        if is_disk_full(err, run.root):
+            return _disk_full(run, stage, handler)
         logging.getLogger("llava_cluster").error("stage %s failed:\n%s", stage, traceback.format_exc())
-        run.mark_done(stage, error=f"{type(err).__name__}: {err} (traceback in {run.log_path(stage)})")
+        record(run.mark_done, stage, error=f"{type(err).__name__}: {err} (traceback in {run.log_path(stage)})")
         traceback.print_exc()
         return FAILED_EXIT
     finally:
@@ -141,12 +218,31 @@ def run_stage(stage: str, run_dir: Path, spec_file: Path | None = None) -> int:
             logging.getLogger().removeHandler(handler)
             handler.close()
     if code == PREEMPTED_EXIT:
-        run.update_state(stage, status="preempted", error="stopped on request; checkpoint saved, resubmit to resume")
+        recorded = record(run.update_state, stage, status="preempted",
+                          error="stopped on request; checkpoint saved, resubmit to resume")
     elif code == 0:
-        run.mark_done(stage)
+        recorded = record(run.mark_done, stage)
     else:
-        run.mark_done(stage, error=f"exited with code {code}")
-    return code
+        recorded = record(run.mark_done, stage, error=f"exited with code {code}")
+    return code if recorded else FAILED_EXIT
+
+
+def _disk_full(run: RunDir, stage: str, handler: logging.Handler | None) -> int:
+    """One message, no traceback; the half-written checkpoint (never resumed from) goes first, so that
+    the failure itself can be recorded."""
+    from llava_cluster.console import print_message
+    from llava_cluster.diskfull import disk_full_message
+
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+    if stage == "train" and is_rank0():
+        from llava_cluster.train.run import drop_incomplete_checkpoints
+
+        drop_incomplete_checkpoints(run)
+    message = disk_full_message(run.root, run.last_checkpoint() if stage == "train" else None)
+    print_message("error", "bold red", message)
+    record(run.mark_done, stage, error=message)
+    return FAILED_EXIT
 
 
 def register(parser: argparse.ArgumentParser) -> None:

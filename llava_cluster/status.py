@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import subprocess
+import time
 from collections import deque
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +17,7 @@ from rich.table import Table
 
 from llava_cluster.console import console
 from llava_cluster.errors import UserError
-from llava_cluster.rundir import STAGES, RunDir
+from llava_cluster.rundir import STAGES, STALE_AFTER_SECONDS, RunDir, StageState
 
 COLOURS = {"succeeded": "green", "running": "cyan", "pending": "white", "preempted": "yellow",
            "failed": "red", "cancelled": "magenta"}
@@ -52,6 +55,39 @@ def scheduler_notes(states: list) -> dict[str, str]:
             if seen.get(job) not in (None, "", "PENDING", "RUNNING", "REQUEUED", "COMPLETING")}
 
 
+def _process_gone(beat: dict) -> bool:
+    """The heartbeat's process ran on this host and no longer exists."""
+    if beat.get("host") != socket.gethostname() or not isinstance(beat.get("pid"), int):
+        return False
+    try:
+        os.kill(beat["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, someone else's
+        return False
+    return False
+
+
+def staleness(run: RunDir, state: StageState, now: float | None = None) -> str | None:
+    """Why a stage recorded as running is probably dead, or None: its heartbeat (or, before the first one,
+    its start) is older than STALE_AFTER_SECONDS, or its process on this host is gone."""
+    if state.status != "running":
+        return None
+    beat = run.read_heartbeat(state.stage) or {}
+    last = beat.get("time") or state.started_at
+    if last is None:
+        return None
+    age = (time.time() if now is None else now) - last
+    gone = _process_gone(beat)
+    if not gone and age < STALE_AFTER_SECONDS:
+        return None
+    ckpt = run.last_checkpoint() if state.stage == "train" else None
+    then = f"resubmit to resume from {ckpt.name}" if ckpt else "resubmit to run it again"
+    if gone:
+        return f"stale — its process (pid {beat['pid']} on {beat['host']}) is gone, the job died; {then}"
+    return f"stale — no heartbeat for {int(age // 60)} min, the job probably died; {then}"
+
+
 def show_status(run_dir: Path, as_json: bool = False, tail_lines: int = 20) -> int:
     run = RunDir(run_dir)
     if not run.root.is_dir():
@@ -60,18 +96,21 @@ def show_status(run_dir: Path, as_json: bool = False, tail_lines: int = 20) -> i
         raise UserError(f"{run_dir} is not a run directory (no spec.yaml)")
     states = [run.read_state(s) for s in STAGES]
     notes = scheduler_notes(states)
+    stale = {s.stage: why for s in states if (why := staleness(run, s))}
     if as_json:
         console.print_json(json.dumps({"run": str(run.root), "checkpoints": [p.name for p in run.checkpoints()],
-                                       "stages": [{**asdict(s), "elapsed": s.elapsed, "scheduler": notes.get(s.stage)}
-                                                  for s in states]}))
+                                       "stages": [{**asdict(s), "elapsed": s.elapsed, "scheduler": notes.get(s.stage),
+                                                   "stale": stale.get(s.stage),
+                                                   "heartbeat": run.read_heartbeat(s.stage)} for s in states]}))
         return 0
     table = Table(title=f"run {run.root.name}  ({run.root})")
     for col in ("stage", "state", "job ids", "attempts", "elapsed", "note"):
         table.add_column(col)
     for s in states:
         colour = COLOURS.get(s.status, "white")
-        table.add_row(s.stage, f"[{colour}]{s.status}[/]", ",".join(s.job_ids) or "-", str(s.attempts),
-                      _elapsed(s.elapsed), "; ".join(x for x in (s.error, notes.get(s.stage)) if x))
+        shown = f"[{colour}]{s.status}[/]" + (" [red](stale)[/]" if s.stage in stale else "")
+        table.add_row(s.stage, shown, ",".join(s.job_ids) or "-", str(s.attempts), _elapsed(s.elapsed),
+                      "; ".join(x for x in (s.error, notes.get(s.stage), stale.get(s.stage)) if x))
     console.print(table)
     ckpts = run.checkpoints()
     if ckpts:

@@ -59,3 +59,43 @@ def test_a_cancelled_slurm_job_shows_up_although_its_state_file_says_running(tmp
             break
         time.sleep(2)
     assert train["scheduler"] == f"SLURM job {job} CANCELLED"
+
+
+def _complete_checkpoint(run: RunDir, step: int) -> None:
+    folder = run.train_dir / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "COMPLETE").write_text(f"{step}\n")
+
+
+def test_a_running_stage_without_a_recent_heartbeat_is_shown_stale(tmp_path, capsys):
+    from llava_cluster.rundir import STALE_AFTER_SECONDS
+
+    run = make_run(tmp_path)
+    run.mark_running("train")
+    _complete_checkpoint(run, 4)
+    run.beat("train")
+    assert main(["status", str(run.root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"][0]["stale"] is None  # alive: fresh heartbeat, our pid
+    beat = json.loads(run.heartbeat_path("train").read_text())
+    beat["time"] -= STALE_AFTER_SECONDS + 60
+    run.heartbeat_path("train").write_text(json.dumps(beat))
+    assert main(["status", str(run.root), "--json"]) == 0
+    minutes = int((STALE_AFTER_SECONDS + 60) // 60)
+    assert json.loads(capsys.readouterr().out)["stages"][0]["stale"] == (
+        f"stale — no heartbeat for {minutes} min, the job probably died; resubmit to resume from checkpoint-4")
+    assert main(["status", str(run.root)]) == 0
+    assert "stale" in capsys.readouterr().out
+
+
+def test_a_running_stage_whose_process_is_gone_is_stale_at_once(tmp_path, capsys):
+    import sys
+
+    run = make_run(tmp_path)
+    run.mark_running("merge")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    beat = {"pid": int(dead.stdout), "host": __import__("socket").gethostname(), "time": time.time()}
+    run.heartbeat_path("merge").write_text(json.dumps(beat))
+    assert main(["status", str(run.root), "--json"]) == 0
+    merge = json.loads(capsys.readouterr().out)["stages"][1]
+    assert merge["stale"] == (f"stale — its process (pid {beat['pid']} on {beat['host']}) is gone, the job died; "
+                              "resubmit to run it again")

@@ -301,8 +301,12 @@ def test_rotation_keeps_the_last_complete_checkpoint_until_the_new_one_is_comple
     fault = rotated["after_fault"]
     assert fault["code"] == 1, fault["stderr"][-3000:]
     assert fault["complete"] == ["checkpoint-2"], fault
-    assert fault["folders"] == ["checkpoint-2", "checkpoint-3"]
+    assert fault["folders"] == ["checkpoint-2"], "the unmarked checkpoint-3 should be dropped to free space"
     assert fault["state"].status == "failed"
+    # the disk-full path: one message naming the storage and what a checkpoint needs, no traceback
+    assert fault["state"].error.startswith("no space left on the storage of"), fault["state"].error
+    assert "(checkpoint-2)" in fault["state"].error and "resumes from checkpoint-2" in fault["state"].error
+    assert "Traceback" not in fault["stderr"], fault["stderr"][-3000:]
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """Local backend: run the stages one after another on this machine, each as `llava-cluster stage`
-in a child process (so a multi-rank train starts its ranks with torchrun, exactly as on a node)."""
+in a child process (so a multi-rank train starts its ranks with torchrun, exactly as on a node).
+The submit holds the run's lock while it runs (a second submit of a live run is refused), and its
+children end with it, however it ends."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import subprocess
 import sys
 
 from llava_cluster.console import console
-from llava_cluster.rundir import RunDir
+from llava_cluster.launch.parent_death import child_dies_with_us
+from llava_cluster.rundir import PREEMPTED_EXIT, RunDir
 from llava_cluster.spec import RunSpec
 
 
@@ -19,17 +22,27 @@ def stage_command(run: RunDir, stage: str) -> list[str]:
 
 def submit(spec: RunSpec, stages: list[str], dry_run: bool) -> int:
     run = RunDir(spec.run_dir)
-    env = {**os.environ, **spec.env}
+    if dry_run:
+        for stage in stages:
+            console.print(f"[bold]{stage}[/]: {shlex.join(stage_command(run, stage))}", highlight=False,
+                          soft_wrap=True)
+        return 0
+    with run.lock():
+        return _run_stages(run, stages, {**os.environ, **spec.env})
+
+
+def _run_stages(run: RunDir, stages: list[str], env: dict[str, str]) -> int:
+    from llava_cluster.stage import record, recorded_exit
+
     for i, stage in enumerate(stages):
-        cmd = stage_command(run, stage)
-        if dry_run:
-            console.print(f"[bold]{stage}[/]: {shlex.join(cmd)}", highlight=False, soft_wrap=True)
-            continue
         console.rule(f"[bold]{stage}")
-        code = subprocess.call(cmd, env=env)
+        before = run.read_state(stage).attempts
+        code = recorded_exit(run, stage, subprocess.call(stage_command(run, stage), env=env, **child_dies_with_us()),
+                             before)
         if code != 0:
-            why = "was preempted (re-submit to resume)" if code == 75 else f"failed (exit {code})"
+            why = "was preempted (re-submit to resume)" if code == PREEMPTED_EXIT else f"failed (exit {code})"
             for later in stages[i + 1:]:
-                run.update_state(later, status="cancelled", error=f"{stage} {why}")
+                if not record(run.update_state, later, status="cancelled", error=f"{stage} {why}"):
+                    break
             return code
     return 0

@@ -1,0 +1,134 @@
+"""`stage`: its exit is its recorded result (a rank's crash in teardown after success does not fail it), rank 0
+writes a heartbeat while it runs, and the ranks under torchrun are ended with it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from llava_cluster.launch import topology
+from llava_cluster.rundir import RunDir
+from llava_cluster.stage import Heartbeat, _run_ranks_under_torchrun, recorded_exit
+
+
+def make_run(tmp_path) -> RunDir:
+    run = RunDir(tmp_path / "runs" / "r")
+    run.root.mkdir(parents=True)
+    run.spec_path.write_text(yaml.safe_dump({"name": "r"}))
+    return run
+
+
+def ranks_that(monkeypatch, script: str) -> None:
+    """torchrun replaced by one process running `script` with the run directory as argv[1]: what the
+    ranks leave behind (state, exit code) is all the node parent sees of them."""
+    monkeypatch.setattr(topology, "torchrun_argv",
+                        lambda launch, argv: [sys.executable, "-c", script, argv[argv.index("--run-dir") + 1]])
+
+
+SUCCEED_THEN_ABORT = """
+import os, sys
+from llava_cluster.rundir import RunDir
+run = RunDir(sys.argv[1])
+run.mark_running("train")
+run.mark_done("train")
+os._exit(134)  # rank 1 aborting in its teardown, after rank 0 recorded success
+"""
+
+DIE_BEFORE_RECORDING = """
+import os
+os._exit(1)
+"""
+
+
+def test_a_teardown_crash_after_recorded_success_is_a_success(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    ranks_that(monkeypatch, SUCCEED_THEN_ABORT)
+    assert _run_ranks_under_torchrun(run, "train", topology.node_launch(2)) == 0
+    assert run.read_state("train").status == "succeeded"
+
+
+def test_ranks_dying_before_recording_fail_the_stage_even_after_an_earlier_success(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    run.mark_running("train")
+    run.mark_done("train")  # an earlier attempt: not this one's result
+    ranks_that(monkeypatch, DIE_BEFORE_RECORDING)
+    assert _run_ranks_under_torchrun(run, "train", topology.node_launch(2)) == 1
+    state = run.read_state("train")
+    assert state.status == "failed" and "before recording a result" in state.error
+
+
+def test_recorded_exit_follows_this_attempts_record(tmp_path):
+    run = make_run(tmp_path)
+    run.mark_running("train")
+    run.update_state("train", status="preempted")
+    assert recorded_exit(run, "train", 1, attempts_before=0) == 75
+    assert recorded_exit(run, "train", 1, attempts_before=1) == 1
+    run.mark_done("train", error="boom")
+    assert recorded_exit(run, "train", 2, attempts_before=0) == 2
+
+
+def test_rank0_writes_a_heartbeat_while_the_stage_runs(tmp_path):
+    import os
+    import socket
+
+    run = make_run(tmp_path)
+    with Heartbeat(run, "train", every=0.01):
+        deadline = time.monotonic() + 30
+        beats = set()
+        while len(beats) < 2 and time.monotonic() < deadline:
+            beat = run.read_heartbeat("train")
+            if beat:
+                beats.add(beat["time"])
+            time.sleep(0.01)
+    assert len(beats) >= 2, "the heartbeat is not rewritten"
+    beat = json.loads(run.heartbeat_path("train").read_text())
+    assert beat["pid"] == os.getpid() and beat["host"] == socket.gethostname()
+    assert not list(run.state_dir.glob(".*.tmp")), "heartbeat writes are not atomic"
+
+
+@pytest.fixture(autouse=True)
+def _one_rank(monkeypatch):
+    """This process as the node parent; the stop-file handlers the node parent installs are undone after."""
+    import signal
+
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 320 KiB tmpfs: the spec, state and logs fit, the first checkpoint (~0.8 MiB) does not."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip()}); test_train's marker fault "
+                    "covers ENOSPC from the real write path")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_message_a_recorded_failure_and_nothing_marked_complete(small_disk, tmp_path, tiny_dir):
+    from test_train import freeze, stage, write_spec
+
+    spec = write_spec(tmp_path, tiny_dir, "full", storage=str(small_disk), resources__gpus_per_node=1,
+                      optim__max_steps=2, training__save_steps=2, data__eval=None)
+    run = RunDir(freeze(spec))
+    proc = stage("train", run.root)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    err = " ".join(proc.stderr.split())
+    assert "Traceback" not in proc.stderr and "iostream error" not in proc.stderr, proc.stderr[-4000:]
+    assert err.count("no space left on the storage of") == 1 and str(small_disk) in err
+    state = run.read_state("train")
+    assert state.status == "failed" and state.error.startswith("no space left on the storage of")
+    assert not list(run.train_dir.glob("checkpoint-*")) and not run.final_dir.exists()
