@@ -351,11 +351,26 @@ def test_hostile_json_list_items_are_named_defects(tmp_path, folder, capsys):
     assert [(d["index"], d["kind"]) for d in report["defects"]] == [(1, "invalid_json"), (2, "invalid_text")]
     assert report["defects"][0]["message"].startswith("line 1 column ")
 
-    path.write_text(json.dumps([good("a"), "NEST", good("b")]).replace('"NEST"', "[" * 50_000 + "]" * 50_000))
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_a_list_item_nested_too_deeply_is_stepped_over(tmp_path, folder, capsys, monkeypatch, chunk):
+    monkeypatch.setattr(reader_module, "CHUNK", chunk)
+    nested = "[" * 3000 + '"a]\\"}[", {"k": "]]"}' + "]" * 3000  # brackets inside strings do not count
+    text = json.dumps([good("a"), "NEST", bad("b", image="gone.png")], indent=1).replace('"NEST"', nested)
+    path = tmp_path / "data.json"
+    path.write_text(text)
     code, report = check_json(capsys, path, folder)
-    assert code == 1 and report["stopped_early"]
-    assert [(d["index"], d["kind"]) for d in report["defects"]] == [(1, "invalid_json")]
-    assert "nested too deeply" in report["defects"][0]["message"]
+    assert code == 1 and not report["stopped_early"] and report["samples"] == 3
+    assert [(d["index"], d["kind"]) for d in report["defects"]] == [(1, "invalid_json"), (2, "image_missing")]
+    line = text[: text.index(nested)].count("\n") + 1
+    assert report["defects"][0]["message"].startswith(f"line {line} column 2: the sample is nested too deeply")
+
+    path.write_text(text[: text.index(nested) + 4000])  # the file ends inside it
+    code, report = check_json(capsys, path, folder)
+    assert code == 1 and report["stopped_early"] and report["samples"] == 2
+    assert report["defects"][-1]["message"].endswith("and the file ends inside it; reading stopped here, "
+                                                     "later samples were not checked")
 
 
 def test_unencodable_text_is_a_defect_and_not_tokenized(tiny_dir, tmp_path, capsys):

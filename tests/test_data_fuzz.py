@@ -77,7 +77,7 @@ def _raw(rng: random.Random, sample: dict, lines: bool) -> str:
     text = json.dumps(sample)
     roll = rng.random()
     if roll < 0.15 and text != "{}":
-        hostile = rng.choice(RAW_HOSTILE if lines else RAW_HOSTILE[:2] + RAW_HOSTILE[3:])
+        hostile = rng.choice(RAW_HOSTILE)
         key = rng.choice(["id", "image", "conversations", "extra"])
         text = "{" + json.dumps(key) + ": " + hostile + ", " + text[1:]
     elif roll < 0.2 and lines:

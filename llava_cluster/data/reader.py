@@ -113,11 +113,14 @@ class SampleReader:
         """Decode `[v, v, ...]` one element at a time; see the module docstring."""
         scanner = _ArrayScanner(fh, self)
         index = 0
-        for value, error in scanner:
+        for value, error, fatal in scanner:
             if error is not None:
-                self.stopped_early = True
+                self.stopped_early = self.stopped_early or fatal
                 yield Record(index, error=error)
-                return
+                if fatal:
+                    return
+                index += 1
+                continue
             yield self.decoder.record(index, value, scanner.buf, *scanner.last_span,
                                       lambda: scanner._where(scanner.last_span[0]))
             index += 1
@@ -170,7 +173,8 @@ class _ArrayScanner:
                 return False
             self._fill()
 
-    def _decode(self) -> tuple[Any, str | None]:
+    def _decode(self) -> tuple[Any, str | None, bool]:
+        """(value, error, whether reading must stop there)."""
         while True:
             try:
                 value, end = self.json.decode(self.buf, self.pos)
@@ -179,43 +183,71 @@ class _ArrayScanner:
                 if cut and not self.eof:
                     self._fill()
                     continue
-                return None, f"{self._where(err.pos)}: {err.msg}"
-            except ValueError as err:  # nesting too deep: where it ends cannot be found without decoding
-                return None, f"{self._where(self.pos)}: {err}"
+                return None, f"{self._where(err.pos)}: {err.msg}", True
+            except ValueError as err:  # nested too deeply for the decoder: step over it by counting brackets
+                where = self._where(self.pos)
+                if self._skip_nested():
+                    return None, f"{where}: {err}", False
+                return None, f"{where}: {err}, and the file ends inside it", True
             if end >= len(self.buf) - 8 and not self.eof:  # a number may continue in the next chunk
                 self._fill()
                 continue
             self.last_span = (self.pos, end)
             self.pos = end
-            return value, None
+            return value, None, False
 
-    def __iter__(self) -> Iterator[tuple[Any, str | None]]:
+    def _skip_nested(self) -> bool:
+        """Move `pos` past the array/object starting there, counting brackets outside strings; False when
+        the file ends first. Offsets are kept relative to `pos`, which `_fill` moves to 0."""
+        depth, at = 0, 0
+        while True:
+            match = _BRACKET_OR_STRING.search(self.buf, self.pos + at)
+            if match is None or (match.group(1) is None and match.group()[0] == '"'):  # needs more text
+                if self.eof:
+                    return False
+                at = (match.start() if match else len(self.buf)) - self.pos
+                self._fill()
+                continue
+            at = match.end() - self.pos
+            char = match.group()
+            if char in "[{":
+                depth += 1
+            elif char in "]}":
+                depth -= 1
+                if depth == 0:
+                    self.pos = match.end()
+                    return True
+
+    def __iter__(self) -> Iterator[tuple[Any, str | None, bool]]:
         self._skip_ws()
         self.pos += 1  # the "[" checked by SampleReader
         first = True
         while True:
             if not self._skip_ws():
-                yield None, f"{self._where(self.pos)}: the file ends before the list is closed with ']'"
+                yield None, f"{self._where(self.pos)}: the file ends before the list is closed with ']'", True
                 return
             char = self.buf[self.pos]
             if char == "]":
                 self.pos += 1
                 if self._skip_ws():
-                    yield None, f"{self._where(self.pos)}: extra data after the closing ']'"
+                    yield None, f"{self._where(self.pos)}: extra data after the closing ']'", True
                 return
             if not first:
                 if char != ",":
-                    yield None, f"{self._where(self.pos)}: expected ',' or ']' after sample, found {char!r}"
+                    yield None, f"{self._where(self.pos)}: expected ',' or ']' after sample, found {char!r}", True
                     return
                 self.pos += 1
                 if not self._skip_ws():
                     continue
-            value, error = self._decode()
-            yield value, error
-            if error is not None:
+            value, error, fatal = self._decode()
+            yield value, error, fatal
+            if fatal:
                 return
             first = False
 
+
+# A string (its closing quote in group 1, absent when the buffer ends inside it), or a bracket.
+_BRACKET_OR_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(")?|[\[\]{}]')
 
 # A lone surrogate can only enter through a \uD800-\uDFFF escape: valid UTF-8 cannot encode one.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
