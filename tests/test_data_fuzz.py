@@ -24,7 +24,7 @@ PREVIEWS = 30
 NASTY_TEXT = ["", " ", "\t\n", "<image>", "<image><image>", "[bold red]markup[/]", "[/]", "\x00", "\x1b[2J",
               "\u202eevil", "\ufeff", "😀" * 20, "é" * 300, "x" * 1000, "\\", "%s%n", "{0}", "</s>", "<s>",
               "USER:", "ASSISTANT:", "<|im_end|>", "\r\n\r\n"]
-NASTY_PATHS = ["/etc/passwd", "../outside.png", "a/../../outside.png", "red.png\x00.txt", "", " ", ".", "..",
+NASTY_PATHS = ["/etc/passwd", "/dev/zero", "../outside.png", "a/../../outside.png", "red.png\x00.txt", "", " ", ".", "..",
                "/", "sub/", "red.png/", "~/red.png", "*", "x" * 5000 + ".png", "a/" * 2000 + "b.png",
                "C:\\red.png", "\\\\server\\share\\red.png", "red.png\n", "file:///etc/passwd", "%2e%2e/red.png"]
 NASTY_VALUES = [None, True, 0, -1, 1.5, 1e308, [], {}, [None], {"a": 1}, [[[[[]]]]], "", "x" * 10]

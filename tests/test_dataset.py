@@ -153,3 +153,11 @@ def test_unencodable_text_is_refused_at_start_naming_the_sample(tmp_path, proces
     (tmp_path / "d.jsonl").write_text(json.dumps(sample) + "\n")
     with pytest.raises(UserError, match=r"sample #0 conversations\[0\]\.value: a lone surrogate"):
         LazySupervisedDataset(tmp_path / "d.jsonl", None, processor, TEMPLATES["vicuna_v1"], 256)
+
+
+def test_a_sample_that_cannot_be_encoded_is_refused_at_start_naming_it(tmp_path, processor):
+    good = {"id": "ok", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]}
+    hostile = {"id": "h-2", "conversations": [{"from": ["human"], "value": "hi"}, {"from": "gpt", "value": "x"}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(hostile) + "\n")
+    with pytest.raises(UserError, match=r"sample #1 cannot be encoded: wrong_type at conversations\[0\]\.from"):
+        LazySupervisedDataset(tmp_path / "d.jsonl", None, processor, TEMPLATES["vicuna_v1"], 256)

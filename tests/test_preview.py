@@ -88,3 +88,12 @@ def test_hostile_records_are_a_clear_error(tiny_dir, tmp_path, capsys, line, mes
     rc = main(["data", "preview", str(path), "--model", str(tiny_dir.model)])
     err = capsys.readouterr().err
     assert rc == 2 and message in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_a_sample_that_cannot_be_encoded_is_a_clear_error(tiny_dir, tmp_path, capsys):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"id": "h", "conversations": [{"from": ["human"], "value": "hi"},
+                                                             {"from": "gpt", "value": "a"}]}) + "\n")
+    rc = main(["data", "preview", str(path), "--model", str(tiny_dir.model)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and "sample #0 cannot be encoded: wrong_type at conversations[0].from" in err

@@ -16,6 +16,7 @@ from typing import Any
 from llava_cluster.data.encode import encode_sample, estimate_length, has_image, sample_id
 from llava_cluster.data.images import ImageFolder
 from llava_cluster.data.reader import SampleReader
+from llava_cluster.data.schema import blocks_encoding, check_sample
 from llava_cluster.data.templates import Template
 from llava_cluster.errors import UserError
 
@@ -65,8 +66,11 @@ class LazySupervisedDataset:
             if record.error is not None:
                 raise UserError(f"{self.data_path}: sample #{record.index} {record.field}: {record.error} "
                                 "(run `llava-cluster data check`)")
-            if not isinstance(record.value, dict):
-                raise UserError(f"{self.data_path}: sample #{record.index} is not an object")
+            blocking = [d for d in check_sample(record.index, record.value) if blocks_encoding(d)]
+            if blocking:  # refused now, not as a crash in a loader worker hours into training
+                d = blocking[0]
+                raise UserError(f"{self.data_path}: sample #{record.index} cannot be encoded: {d.kind} at "
+                                f"{d.field}: {d.message} (`llava-cluster data check` lists every defect)")
             try:
                 self._blob += json.dumps(record.value, separators=(",", ":"), ensure_ascii=False).encode()
             except RecursionError:

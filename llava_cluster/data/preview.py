@@ -47,6 +47,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def read_sample(path: str, index: int) -> dict:
     """The index-th sample of a .json/.jsonl file, streamed (no full load of a large file)."""
     from llava_cluster.data.reader import SampleReader
+    from llava_cluster.data.schema import blocks_encoding, check_sample
 
     if index < 0:
         raise UserError(f"--index must be >= 0, not {index}")
@@ -56,8 +57,11 @@ def read_sample(path: str, index: int) -> dict:
             if record.error is not None:
                 what = "is not valid JSON" if record.kind == "invalid_json" else f"has bad text in {record.field}"
                 raise UserError(f"{path}: sample #{index} {what}: {record.error}")
-            if not isinstance(record.value, dict):
-                raise UserError(f"{path}: sample #{index} is not an object")
+            blocking = [d for d in check_sample(index, record.value) if blocks_encoding(d)]
+            if blocking:
+                d = blocking[0]
+                raise UserError(f"{path}: sample #{index} cannot be encoded: {d.kind} at {d.field}: {d.message}"
+                                f" (`llava-cluster data check {path}` lists every defect)")
             return record.value
         count = record.index + 1
     raise UserError(f"--index {index} is out of range: {path} holds {count} samples (0..{count - 1})")
