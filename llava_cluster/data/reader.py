@@ -5,6 +5,8 @@ sample can be looked at. Here a .json list is decoded one element at a time from
 (`JSONDecoder.raw_decode`), and a .jsonl file one line at a time, so memory stays at one buffer plus
 one sample. Syntax errors come back as records with line and column instead of exceptions: a .jsonl
 reader goes on with the next line; a .json reader cannot resynchronise inside a list, so it stops.
+Valid JSON that no later step could handle is an error record too, and reading goes on: an integer
+past Python's digit limit, nesting past the decoder's recursion limit, text with a lone surrogate.
 """
 
 from __future__ import annotations
