@@ -69,8 +69,8 @@ def honour_umask(path: str | Path) -> None:
     mask = current_umask()
     for p in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else ())]:
         info = p.lstat()
-        if stat.S_ISDIR(info.st_mode):
-            os.chmod(p, 0o777 & ~mask)
+        if stat.S_ISDIR(info.st_mode):  # setgid kept: group-shared project folders rely on it
+            os.chmod(p, (0o777 & ~mask) | (info.st_mode & stat.S_ISGID))
         elif stat.S_ISREG(info.st_mode):
             os.chmod(p, (0o777 if info.st_mode & 0o111 else 0o666) & ~mask)
 

@@ -62,6 +62,16 @@ def test_atomic_dir_honours_the_umask_whatever_wrote_into_it(tmp_path, umask):
     assert_shared(tmp_path / "out", umask)
 
 
+def test_atomic_dir_keeps_the_setgid_bit_of_a_group_shared_folder(tmp_path, umask):
+    shared = tmp_path / "project"
+    shared.mkdir()
+    os.chmod(shared, 0o2775)
+    with atomic_dir(shared / "out") as tmp:
+        (tmp / "sub").mkdir()
+    for folder in (shared / "out", shared / "out" / "sub"):
+        assert stat.S_IMODE(folder.stat().st_mode) == stat.S_ISGID | (0o777 & ~umask)
+
+
 @pytest.fixture(scope="module")
 def peft_model(tiny_dir):
     from peft import LoraConfig, get_peft_model
