@@ -35,6 +35,7 @@ def test_qlora_trainables_are_in_the_compute_dtype_after_kbit_preparation(tiny_d
     from llava_cluster.train.model_setup import build_model
 
     model = build_model(spec_for(tiny_dir, tmp_path, "bf16", method="qlora"))
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules()), "the language model is not 4-bit"
     trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any("multi_modal_projector" in n for n in trainable)
     assert set(trainable.values()) == {torch.bfloat16}, trainable
