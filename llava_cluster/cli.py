@@ -58,10 +58,20 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _is_override(arg: str) -> bool:
+    key, sep, _ = arg.partition("=")
+    return bool(sep) and bool(key) and not arg.startswith("-")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides may follow the options: `submit SPEC --backend slurm optim.lr=1e-4`
+        if isinstance(getattr(args, "overrides", None), list) and all(_is_override(a) for a in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.parse_args(argv)  # argparse's own message for what is really unknown
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2

@@ -319,7 +319,7 @@ EPILOG = """\
 examples:
   llava-cluster plan jobs/lora-13b-multinode.yaml
   llava-cluster plan jobs/qlora-13b-1node.yaml --model-shape 13b --gpu-memory 48
-  llava-cluster plan my-run.yaml -o optim.per_device_batch=32 --json
+  llava-cluster plan my-run.yaml optim.per_device_batch=32 --json
 
 `peak` is comparable to torch.cuda.max_memory_allocated(); `total` adds the CUDA context and allocator
 fragmentation and is what must fit. Estimates are worst case: every sample at data.max_length.
@@ -331,8 +331,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                           "activations, logits), say whether it fits its GPUs and the largest per-device batch.")
     parser.epilog = EPILOG
     parser.add_argument("spec", type=Path, help="run spec YAML")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override spec values, e.g. optim.lr=1e-4")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec value, e.g. optim.per_device_batch=8 (repeatable)")
+                        help="the same, one per -o (repeatable)")
     parser.add_argument("--model-shape", choices=sorted(PRESETS),
                         help="plan for LLaVA-1.5 7B/13B without reading model.base")
     parser.add_argument("--gpu-memory", type=float, metavar="GIB", help="GPU memory instead of resources.gpu_type's")
@@ -346,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
     from llava_cluster.console import console
     from llava_cluster.spec import load_spec
 
-    spec = load_spec(args.spec, args.override)
+    spec = load_spec(args.spec, [*args.override, *args.overrides])
     result = plan(spec, args.model_shape, args.gpu_memory, args.zero)
     if args.json:
         console.print_json(json.dumps(result))

@@ -96,7 +96,7 @@ def _problems_of_data(key: str, path: str, image_folder: str | None) -> list[str
     if images and not image_folder:
         problems.append(f"data.image_folder: {key} has image samples (sample {images[0][0]}: "
                         f"{images[0][1]!r}) but no image folder is set")
-    elif images:
+    elif images and Path(image_folder).is_dir():  # a missing folder is reported once, by _problems_of_inputs
         checker = ImageChecker(image_folder)
         try:
             for index, rel in images:
@@ -131,10 +131,9 @@ def problems(spec: RunSpec, *, run_name: bool = True) -> list[str]:
     found = model_problems(spec) + _problems_of_inputs(spec)
     if not found:  # a tokenizer is only worth loading from a base that is a LLaVA
         found += _problems_of_tokenizer(spec)
-    folder = spec.data.image_folder if spec.data.image_folder and Path(spec.data.image_folder).is_dir() else None
-    found += _problems_of_data("data.train", spec.data.train, folder)
+    found += _problems_of_data("data.train", spec.data.train, spec.data.image_folder)
     if spec.data.eval:
-        found += _problems_of_data("data.eval", spec.data.eval, folder)
+        found += _problems_of_data("data.eval", spec.data.eval, spec.data.image_folder)
     if run_name:
         found += _problems_of_run_name(spec)
     return found

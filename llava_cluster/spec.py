@@ -113,10 +113,10 @@ class ModelSpec(_Section):
     @field_validator("template")
     @classmethod
     def _known_template(cls, value: str) -> str:
-        from llava_cluster.data.templates import TEMPLATES
+        from llava_cluster.data.templates import TEMPLATES, unknown_template
 
         if value not in TEMPLATES:
-            raise ValueError(f"unknown template {value!r}; choose one of {', '.join(TEMPLATES)}")
+            raise ValueError(unknown_template(value))
         return value
 
 
@@ -289,13 +289,24 @@ class K8sSpec(_Section):
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     hub_token_secret: str | None = Field(None, description="name of a Secret with key HF_TOKEN")
     service_account: str | None = None
+    api: Literal["trainer-v2", "pytorchjob"] = Field(
+        "trainer-v2", description="train stage as a Kubeflow Trainer v2 TrainJob, or a training-operator v1 PyTorchJob")
+    queue: str | None = Field(None, description="Kueue LocalQueue: workloads are created suspended, admitted whole")
+    priority_class: str | None = Field(None, description="PriorityClass of every pod")
+    gang: Literal["volcano", "coscheduling"] | None = Field(
+        None, description="gang-schedule the train pods with this scheduler (not needed under Kueue)")
 
     @field_validator("namespace")
     @classmethod
     def _label(cls, value: str) -> str:
         return _must_match(_K8S_LABEL, value, "a Kubernetes namespace (lower-case letters, digits and -)")
 
-    @field_validator("claim", "storage_class", "hub_token_secret", "service_account")
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, value: str | None) -> str | None:
+        return _must_match(_K8S_LABEL, value, "a Kueue LocalQueue name (lower-case letters, digits and -)")
+
+    @field_validator("claim", "storage_class", "hub_token_secret", "service_account", "priority_class")
     @classmethod
     def _object_name(cls, value: str | None) -> str | None:
         return _must_match(_K8S_NAME, value, "a Kubernetes object name (lower-case letters, digits, - and .)")
@@ -467,24 +478,47 @@ def parse_yaml(text: str, source: str) -> Any:
                         f"!!python or other tags): {err}") from None
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys a spec section accepts, for a did-you-mean on an unknown one."""
+    model: Any = RunSpec
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _format_errors(source: str, err: ValidationError, overrides: dict[str, str]) -> str:
+    """One line per problem: where, what, the value given, and whether it came from the command line."""
+    import difflib
+
     lines = [f"{source}: the run spec is not valid:"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (typo?)"
+            close = difflib.get_close_matches(str(e["loc"][-1]), _keys_at(e["loc"][:-1]), n=1)
+            msg = f"unknown key; did you mean {'.'.join([*map(str, e['loc'][:-1]), close[0]])!r}?" if close \
+                else "unknown key (typo?)"
         elif e["type"] == "missing":
             msg = "required, missing"
+        elif not isinstance(e.get("input"), dict | list):
+            msg += f" (got {str(e['input'])[:60]!r})"
+        if where in overrides:
+            msg += f" [from the command line: {overrides[where]}]"
         lines.append(f"  {where}: {msg}" if e["loc"] else f"  {msg}")
     return "\n".join(lines)
 
 
-def spec_from_dict(data: dict[str, Any], source: str = "spec", base_dir: Path | None = None) -> RunSpec:
+def spec_from_dict(data: dict[str, Any], source: str = "spec", base_dir: Path | None = None,
+                   overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
     try:
         spec = RunSpec.model_validate(data)
     except ValidationError as err:
-        raise UserError(_format_errors(source, err)) from None
+        given = {a.split("=", 1)[0].strip(): a for a in overrides}
+        raise UserError(_format_errors(source, err, given)) from None
     return _absolute_paths(spec, base_dir or Path.cwd())
 
 
@@ -517,22 +551,4 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise UserError(f"{path}: a run spec is a YAML mapping (name:, storage:, model:, data:, ...)")
     for assignment in overrides:
         apply_override(data, assignment)
-    return spec_from_dict(data, source=str(path))
-
-
-def check_inputs_exist(spec: RunSpec) -> None:
-    """Fail before any job starts when an input path is missing."""
-    checks = [("model.base", spec.model.base, "dir"), ("data.train", spec.data.train, "file")]
-    if spec.data.eval:
-        checks.append(("data.eval", spec.data.eval, "file"))
-    if spec.data.image_folder:
-        checks.append(("data.image_folder", spec.data.image_folder, "dir"))
-    if spec.training.deepspeed.endswith(".json"):
-        checks.append(("training.deepspeed", spec.training.deepspeed, "file"))
-    for key, value, kind in checks:
-        p = Path(value)
-        ok = p.is_dir() if kind == "dir" else p.is_file()
-        if not ok:
-            raise UserError(f"{key}: {kind} not found: {value}")
-    if not (Path(spec.model.base) / "config.json").is_file():
-        raise UserError(f"model.base: {spec.model.base} has no config.json (not a Hugging Face checkpoint)")
+    return spec_from_dict(data, source=str(path), overrides=overrides)

@@ -45,6 +45,14 @@ def test_a_good_spec_passes(tmp_path, tiny_dir):
     assert problems(load_spec(write_spec(tmp_path, tiny_dir))) == []
 
 
+def test_missing_inputs_are_named_all_at_once(tmp_path, tiny_dir):
+    path = write_spec(tmp_path, tiny_dir, model={"base": str(tmp_path / "no-model")},
+                      data={"train": str(tmp_path / "no.json"), "image_folder": str(tmp_path / "no-images")})
+    found = problems(load_spec(path))
+    assert [p.split(":")[0] for p in found] == ["model.base", "data.image_folder", "data.train"], found
+    assert "does not exist" in found[0] and "not found" in found[1] and "not found" in found[2]
+
+
 def test_llava_next_base_is_refused_by_submit_dry_run_and_plan(tmp_path, tiny_dir, capsys):
     base = model_copy(tmp_path, tiny_dir, model_type="llava_next",
                       architectures=["LlavaNextForConditionalGeneration"])

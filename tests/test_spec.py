@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from llava_cluster.cli import main
 from llava_cluster.errors import UserError
-from llava_cluster.spec import DEFAULT_LORA_TARGETS, check_inputs_exist, load_spec
+from llava_cluster.spec import DEFAULT_LORA_TARGETS, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,18 +64,6 @@ def test_bad_specs_name_the_field_and_the_fix(tmp_path, body, overrides, expecte
     with pytest.raises(UserError) as err:
         load_spec(path, overrides)
     assert expected in err.value.message
-
-
-def test_missing_inputs_are_named(tmp_path):
-    spec = load_spec(write(tmp_path))
-    with pytest.raises(UserError, match="model.base: dir not found"):
-        check_inputs_exist(spec)
-    (tmp_path / "m").mkdir()
-    with pytest.raises(UserError, match="data.train: file not found"):
-        check_inputs_exist(spec)
-    (tmp_path / "t.json").write_text("[]")
-    with pytest.raises(UserError, match="no config.json"):
-        check_inputs_exist(spec)
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -112,5 +112,14 @@ def get_template(name: str) -> Template:
     from llava_cluster.errors import UserError
 
     if name not in TEMPLATES:
-        raise UserError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATES)}")
+        raise UserError(unknown_template(name))
     return TEMPLATES[name]
+
+
+def unknown_template(name: str) -> str:
+    """The message for a template name that does not exist, with the closest one when there is one."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(TEMPLATES), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown template {name!r}; {hint}choose one of {', '.join(TEMPLATES)}"

@@ -1,0 +1,47 @@
+"""The command line keeps its word: overrides after the options, did-you-mean, values named with their source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llava_cluster.cli import main
+
+
+def write_spec(tmp: Path, tiny) -> Path:
+    spec = {"name": "cli", "storage": str(tmp / "storage"), "model": {"base": str(tiny.model)},
+            "data": {"train": str(tiny.train), "image_folder": str(tiny.images)}, "resources": {"gpus_per_node": 1}}
+    path = tmp / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_overrides_after_the_options_are_applied(tmp_path, tiny_dir, capsys):
+    spec = write_spec(tmp_path, tiny_dir)
+    assert main(["submit", str(spec), "--dry-run", "name=renamed", "optim.lr=1e-4"]) == 0
+    assert "runs/renamed" in capsys.readouterr().out
+    assert main(["plan", str(spec), "--model-shape", "7b", "--json", "optim.per_device_batch=2"]) in (0, 1)
+    assert '"batch": 2' in capsys.readouterr().out
+
+
+def test_a_real_unknown_argument_is_still_an_error(tmp_path, tiny_dir):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["submit", str(write_spec(tmp_path, tiny_dir)), "--dry-run", "--bakend", "slurm"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lrr=1e-4", "did you mean 'optim.lr'?"),
+    ("trainig.precision=bf16", "did you mean 'training'?"),
+    ("optim.lr=fast", "got 'fast'"),
+    ("model.template=vicuna", "did you mean 'vicuna_v1'?"),
+])
+def test_spec_mistakes_say_what_was_meant_and_where_the_value_came_from(tmp_path, tiny_dir, capsys, override,
+                                                                          expected):
+    assert main(["submit", str(write_spec(tmp_path, tiny_dir)), "--dry-run", override]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert expected in err
+    if "did you mean 'training'" not in expected:
+        assert f"[from the command line: {override}]" in err
