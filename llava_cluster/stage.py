@@ -27,15 +27,18 @@ RECORDED_EXITS = {"succeeded": 0, "preempted": PREEMPTED_EXIT}
 
 def recorded_exit(run: RunDir, stage: str, code: int, attempts_before: int) -> int:
     """A stage's exit is its recorded result: once this attempt has recorded success (or a preemption
-    with its checkpoint), a rank that crashes while tearing down does not turn it into a failure."""
+    with its checkpoint), a rank that crashes while tearing down does not turn it into a failure.
+    An exit that agrees with the record needs no attempt count (another node's rank 0 may have
+    counted this attempt before we read `attempts_before`)."""
     state = run.read_state(stage)
-    if state.attempts > attempts_before and state.status in RECORDED_EXITS:
-        if code not in (0, RECORDED_EXITS[state.status]):
+    expected = RECORDED_EXITS.get(state.status)
+    if expected is not None and (state.attempts > attempts_before or code == expected):
+        if code not in (0, expected):
             from llava_cluster.console import err_console
 
             err_console.print(f"[yellow]{stage}: a process exited with code {code} after the stage recorded "
                               f"'{state.status}'; keeping that result[/]")
-        return RECORDED_EXITS[state.status]
+        return expected
     return code or FAILED_EXIT
 
 

@@ -68,6 +68,7 @@ def test_recorded_exit_follows_this_attempts_record(tmp_path):
     run.update_state("train", status="preempted")
     assert recorded_exit(run, "train", 1, attempts_before=0) == 75
     assert recorded_exit(run, "train", 1, attempts_before=1) == 1
+    assert recorded_exit(run, "train", 75, attempts_before=1) == 75  # another node counted the attempt first
     run.mark_done("train", error="boom")
     assert recorded_exit(run, "train", 2, attempts_before=0) == 2
 
