@@ -1,10 +1,17 @@
-"""The validation report: one self-contained HTML page (images inlined) and a loss-curve PNG."""
+"""The validation report: one self-contained HTML page (images inlined) and a loss-curve PNG.
+
+It opens with what a reviewer decides on: the paired difference of each metric with its interval, how
+many samples improved and regressed, then the per-model scores and per-group breakdown; the sample
+table can be filtered to regressions (a few lines of inline script; the page stays one file), and
+the provenance (versions, commit, device, spec) sits collapsed at the end.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +30,10 @@ def loss_curve_png(metrics_log: Path) -> bytes | None:
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train and not evals:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # an image without it (e.g. a slim GPU image): the page says there is no curve
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -64,6 +74,55 @@ def _answer(row: dict[str, Any], label: str) -> str:
     return f'<td class="{"ok" if ok else "miss"}">{html.escape(str(row.get(f"{label}_prediction", "")))}</td>'
 
 
+def change(row: dict[str, Any]) -> str:
+    """The sample's change, by the same rule as the headline counts (validate_stats.change_of)."""
+    from llava_cluster.validate_stats import ORDER, change_of
+
+    base = {m: row[f"base_{m}"] for m in ORDER if f"base_{m}" in row}
+    tuned = {m: row[f"finetuned_{m}"] for m in ORDER if f"finetuned_{m}" in row}
+    return change_of(base, tuned)
+
+
+def _comparison(metrics: dict[str, Any]) -> str:
+    comparison = metrics.get("comparison")
+    if not comparison:
+        return "<p>no base comparison (run without --no-base to get the paired statistics)</p>"
+    changed = comparison["changes"]
+    mcnemar = comparison["mcnemar_exact_match"]
+    lines = [f'<p class="changes"><b>{changed["improved"]}</b> improved, <b>{changed["regressed"]}</b> regressed, '
+             f'{changed["unchanged"]} unchanged (by exact match, then token F1)</p>',
+             "<table><tr><th>metric</th><th>base</th><th>fine-tuned</th><th>difference</th><th>95% CI</th></tr>"]
+    for metric, name, scale, fmt in (("exact_match", "exact match", 100, "{:+.1f} pts"),
+                                     ("token_f1", "token F1", 1, "{:+.3f}")):
+        c = comparison[metric]
+        base, tuned = metrics["base"][metric], metrics["finetuned"][metric]
+        shown = (f"{base:.1%}", f"{tuned:.1%}") if scale == 100 else (f"{base:.3f}", f"{tuned:.3f}")
+        lines.append(f"<tr><td>{name}</td><td>{shown[0]}</td><td>{shown[1]}</td>"
+                     f"<td>{fmt.format(c['delta'] * scale)}</td>"
+                     f"<td>{fmt.format(c['ci_low'] * scale)} to {fmt.format(c['ci_high'] * scale)}</td></tr>")
+    lines.append("</table>")
+    lines.append(f"<p>exact McNemar test: {mcnemar['finetuned_only']} samples only the fine-tune answers exactly, "
+                 f"{mcnemar['base_only']} only the base; p = {mcnemar['p_value']:.3g}. Intervals: paired bootstrap, "
+                 f"{comparison['exact_match']['resamples']} resamples, seed {comparison['exact_match']['seed']}.</p>")
+    return "\n".join(lines)
+
+
+def _groups(metrics: dict[str, Any]) -> str:
+    groups = metrics.get("groups") or {}
+    labels = [label for label in ("base", "finetuned") if label in metrics]
+    out = []
+    for kind in ("modality", "category"):
+        if not groups.get(kind):
+            continue
+        out.append(f"<table><tr><th>{kind}</th><th>samples</th>"
+                   + "".join(f"<th>{label} EM</th>" for label in labels) + "</tr>")
+        for name, g in groups[kind].items():
+            out.append(f"<tr><td>{html.escape(name)}</td><td>{g['samples']}</td>"
+                       + "".join(f"<td>{g[label]['exact_match']:.1%}</td>" for label in labels) + "</tr>")
+        out.append("</table>")
+    return "\n".join(out)
+
+
 def _metric_rows(metrics: dict[str, Any]) -> str:
     out = []
     for label in ("base", "finetuned"):
@@ -85,10 +144,15 @@ def write_report(out_dir: Path, metrics: dict[str, Any], rows: list[dict[str, An
     body = []
     for row in rows[:MAX_ROWS]:
         body.append(
-            f"<tr><td>{_thumbnail(images, row.get('image'))}</td><td>{html.escape(row['prompt'])}</td>"
+            f'<tr class="{change(row)}"><td>{_thumbnail(images, row.get("image"))}</td>'
+            f"<td>{html.escape(row['prompt'])}</td>"
             f"<td>{html.escape(row['reference'])}</td>{_answer(row, 'base') if has_base else ''}"
             f"{_answer(row, 'finetuned')}</tr>"
         )
+    provenance = html.escape(json.dumps(metrics.get("provenance", {}), indent=2, sort_keys=True, default=str))
+    filters = ('<p class="filters">show: ' + " ".join(
+        f'<button onclick="show(\'{k}\')">{k}</button>' for k in ("all", "regressed", "improved", "unchanged"))
+        + "</p>") if has_base else ""
     curve_html = (f'<img alt="loss curve" src="data:image/png;base64,{base64.b64encode(curve).decode()}">'
                   if curve else "<p>no training log found for a loss curve</p>")
     page = f"""<!doctype html>
@@ -97,19 +161,34 @@ def write_report(out_dir: Path, metrics: dict[str, Any], rows: list[dict[str, An
 body {{ font-family: system-ui, sans-serif; margin: 2em; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; }}
 td.ok {{ background: #e6f4e6; }} td.miss {{ background: #fbeaea; }}
-</style></head><body>
+tr.regressed td:first-child {{ border-left: 4px solid #c0392b; }} tr.improved td:first-child {{ border-left: 4px solid #27ae60; }}
+p.changes {{ font-size: 1.15em; }} table {{ margin-bottom: 1em; }}
+</style>
+<script>
+function show(kind) {{
+  for (const row of document.querySelectorAll("#samples tr[class]")) {{
+    row.style.display = (kind === "all" || row.classList.contains(kind)) ? "" : "none";
+  }}
+}}
+</script></head><body>
 <h1>Validation report</h1>
 <p>model <code>{html.escape(str(metrics.get('model')))}</code>, base <code>{html.escape(str(metrics.get('base_model')))}</code>,
 template <code>{html.escape(str(metrics.get('template')))}</code>, {metrics['samples']} held-out samples.</p>
+<h2>Fine-tune vs base</h2>
+{_comparison(metrics)}
+<h2>Scores</h2>
 <table><tr><th>model</th><th>exact match</th><th>token F1</th><th>eval loss</th></tr>
 {_metric_rows(metrics)}
 </table>
+{_groups(metrics)}
 <h2>Training loss</h2>
 {curve_html}
 <h2>Samples{f" (first {MAX_ROWS})" if len(rows) > MAX_ROWS else ""}</h2>
-<table><tr>{head}</tr>
+{filters}
+<table id="samples"><tr>{head}</tr>
 {chr(10).join(body)}
 </table>
+<details><summary>Provenance: versions, device, run and spec</summary><pre>{provenance}</pre></details>
 </body></html>
 """
     path = out_dir / "report.html"

@@ -263,7 +263,7 @@ def print_metrics(metrics: dict[str, Any], out_dir: Path) -> None:
     comparison = metrics.get("comparison")
     if comparison:
         em, f1 = comparison["exact_match"], comparison["token_f1"]
-        changed = comparison["changes"]["exact_match"]
+        changed = comparison["changes"]
         console.print(
             f"exact match {metrics['base']['exact_match']:.0%} -> {metrics['finetuned']['exact_match']:.0%} "
             f"({em['delta'] * 100:+.0f} points, 95% CI {em['ci_low'] * 100:+.0f} to {em['ci_high'] * 100:+.0f}; "

@@ -8,7 +8,8 @@ models answer the same samples, so the comparison is paired:
   McNemar          exact two-sided test for exact match on the discordant pairs (only one model
                    right): b = base right & fine-tune wrong, c = the reverse; p = P(min(b, c) or
                    fewer of b + c fair coin flips, either side)
-  changes          improved / regressed / unchanged samples by exact match, then by token F1
+  changes          improved / regressed / unchanged samples: by exact match, then by token F1 where
+                   exact match is equal (a closer answer counts)
   groups           the same metrics per category (a `category` field of the record, else the first
                    words of the question) and for image vs text-only samples
 """
@@ -50,10 +51,22 @@ def mcnemar_exact(base_right: list[bool], tuned_right: list[bool]) -> dict[str, 
     return {"base_only": b, "finetuned_only": c, "p_value": min(1.0, 2 * tail)}
 
 
-def changes(base: list[float], tuned: list[float]) -> dict[str, int]:
-    improved = sum(1 for x, y in zip(base, tuned, strict=True) if y > x)
-    regressed = sum(1 for x, y in zip(base, tuned, strict=True) if y < x)
-    return {"improved": improved, "regressed": regressed, "unchanged": len(base) - improved - regressed}
+ORDER = ("exact_match", "token_f1")  # a sample improved or regressed by the first of these that changed
+
+
+def change_of(base: dict[str, float], tuned: dict[str, float]) -> str:
+    """improved | regressed | unchanged for one sample, by exact match, then by token F1."""
+    for metric in ORDER:
+        if metric in base and metric in tuned and tuned[metric] != base[metric]:
+            return "improved" if tuned[metric] > base[metric] else "regressed"
+    return "unchanged"
+
+
+def changes(base: dict[str, list[float]], tuned: dict[str, list[float]]) -> dict[str, int]:
+    counts = {"improved": 0, "regressed": 0, "unchanged": 0}
+    for i in range(len(tuned["exact_match"])):
+        counts[change_of({m: v[i] for m, v in base.items()}, {m: v[i] for m, v in tuned.items()})] += 1
+    return counts
 
 
 def group_of(sample: dict[str, Any]) -> str:
@@ -93,5 +106,5 @@ def compare(base: dict[str, list[float]], tuned: dict[str, list[float]], seed: i
     out: dict[str, Any] = {m: paired_bootstrap(base[m], tuned[m], seed=seed) for m in tuned}
     out["mcnemar_exact_match"] = mcnemar_exact([s == 1.0 for s in base["exact_match"]],
                                                [s == 1.0 for s in tuned["exact_match"]])
-    out["changes"] = {m: changes(base[m], tuned[m]) for m in tuned}
+    out["changes"] = changes(base, tuned)
     return out

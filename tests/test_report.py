@@ -28,3 +28,25 @@ def test_thumbnails_only_of_contained_regular_images(tmp_path):
     thumb = Image.open(io.BytesIO(base64.b64decode(thumbs[0])))
     assert thumb.getpixel((0, 0)) == (200, 0, 0)
     assert "outside the image folder" in page and "not a regular file" in page and "more than the limit" in page
+
+
+def test_report_opens_with_the_paired_comparison_and_filters_to_regressions(tmp_path):
+    from llava_cluster.validate_stats import compare, grouped
+
+    samples = [{"conversations": [{"from": "human", "value": f"What colour {i}?"}, {"from": "gpt", "value": "red"}]}
+               for i in range(4)]
+    base = {"exact_match": [1.0, 0.0, 0.0, 1.0], "token_f1": [1.0, 0.0, 0.5, 1.0]}
+    tuned = {"exact_match": [0.0, 1.0, 0.0, 1.0], "token_f1": [0.0, 1.0, 0.8, 1.0]}
+    rows = [{"image": None, "prompt": "q", "reference": "red", "base_prediction": "b", "finetuned_prediction": "f",
+             **{f"base_{m}": v[i] for m, v in base.items()}, **{f"finetuned_{m}": v[i] for m, v in tuned.items()}}
+            for i in range(4)]
+    metrics = {"samples": 4, "base": {"exact_match": 0.5, "token_f1": 0.625, "eval_loss": 1.0},
+               "finetuned": {"exact_match": 0.5, "token_f1": 0.7, "eval_loss": 0.5},
+               "comparison": compare(base, tuned), "groups": grouped(samples, {"base": base, "finetuned": tuned}),
+               "provenance": {"git_commit": "abc123", "libraries": {"torch": "2.13.0"}}}
+    page = write_report(tmp_path / "out", metrics, rows, None, None).read_text()
+    assert page.index("Fine-tune vs base") < page.index("<h2>Scores")
+    assert "<b>2</b> improved, <b>1</b> regressed, 1 unchanged" in page, page[:3000]
+    assert [page.count(f'<tr class="{k}">') for k in ("improved", "regressed", "unchanged")] == [2, 1, 1]
+    assert "show('regressed')" in page and "function show(kind)" in page
+    assert "<details><summary>Provenance" in page and "abc123" in page
