@@ -256,6 +256,15 @@ def test_other_ranks_fail_the_job_but_write_no_state(job, monkeypatch):
     assert not requeue_marker(job.marker_folder, "77").exists()
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_teardown_crash_after_recorded_success_does_not_fail_the_job(job, monkeypatch, rank):
+    run = RunDir(job.run_dir)
+    run.update_state("train", status="succeeded")  # by rank 0
+    monkeypatch.setenv("SLURM_PROCID", rank)
+    assert job.outcome(-signal.SIGABRT, signalled=False) == 0
+    assert run.read_state("merge").status == "pending", "merge was cancelled after train succeeded"
+
+
 @pytest.fixture
 def keep_signal_handlers():
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}

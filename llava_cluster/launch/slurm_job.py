@@ -9,6 +9,8 @@ them directly; the supervisor only remembers that one came. Then, on global rank
   signal before it could      batch script to `scontrol requeue` the job (a marker file read by the
   save                        script's teardown, outside any container, where scontrol exists);
                               at the limit the stage fails with a message saying so
+  bad exit, success recorded  the job succeeds: the recorded result decides, not a rank that crashed
+                              while tearing down (other ranks wait up to a minute for rank 0's record)
   anything else               the stage fails; the job fails, SLURM cancels the dependent jobs and
                               their state files say why
 
@@ -28,6 +30,7 @@ from pathlib import Path
 from llava_cluster.rundir import PREEMPTED_EXIT, RunDir, global_rank
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+RECORD_WAIT_SECONDS = 60.0  # how long a non-zero rank that exited badly waits for rank 0 to record a result
 
 
 def requeue_marker(folder: str | Path, job_id: str) -> Path:
@@ -74,6 +77,8 @@ class StageJob:
                 return PREEMPTED_EXIT
             self._fail(run, f"requeue limit reached: interrupted {restarts + 1} times and slurm.max_requeues is "
                             f"{self.max_requeues}; {_resume_hint(run)}")
+        if self._recorded_success(run):
+            return 0
         if global_rank() != 0:
             raise StageFailed(f"stage {self.stage} exited with {_describe(code)} on rank {global_rank()}")
         state = run.read_state(self.stage)
@@ -82,6 +87,16 @@ class StageJob:
                             f"(job {job_id}; console output in {self.marker_folder})")
         self._cancel_downstream(run, job_id)
         raise StageFailed(f"stage {self.stage} failed: {state.error}")
+
+    def _recorded_success(self, run: RunDir) -> bool:
+        """The stage's recorded result decides: a rank that crashes while tearing down after training
+        (rank 0 records success a moment later) does not fail the job, and with it merge and validate."""
+        deadline = time.monotonic() + (RECORD_WAIT_SECONDS if global_rank() != 0 else 0)
+        while True:
+            status = run.read_state(self.stage).status
+            if status != "running" or time.monotonic() >= deadline:
+                return status == "succeeded"
+            time.sleep(1)
 
     def _fail(self, run: RunDir, message: str) -> None:
         if global_rank() == 0:
