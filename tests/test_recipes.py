@@ -5,7 +5,9 @@ The base of the 13B recipes is the llava-hf miniature (tests/llava_hf_fixture.py
 hub's key layout, the real Llama-2 tokenizer); tiny-local keeps its own tiny model. Multi-rank recipes
 run on 2 CPU ranks, ZeRO-3 with the persistence threshold at 0 so that every parameter is really
 partitioned. The train set is exactly one global batch, so each step sees the same samples and the
-loss must fall. Also the llava-hf miniature loads through our loader as it is.
+loss must fall. The precision rule is checked where it matters: saved trainables in the compute dtype,
+DeepSpeed's master copy of them in fp32 (read back with its own zero_to_fp32). Also: the llava-hf
+miniature loads through our loader as it is.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def test_shipped_recipe_trains_scaled_down(recipe, tmp_path, tiny_dir, llava_hf_
     from llava_cluster.model.load import load_llava
     from llava_cluster.rundir import RunDir
     from llava_cluster.submit import freeze
+    from llava_cluster.train.artifacts import PEFT_PREFIX
 
     base = tiny_dir if recipe == "tiny-local.yaml" else llava_hf_dir
     spec = scaled(recipe, tmp_path, base)
@@ -142,6 +145,17 @@ def test_shipped_recipe_trains_scaled_down(recipe, tmp_path, tiny_dir, llava_hf_
     adapter = load_file(str(final / "adapter_model.safetensors"))
     assert adapter and {t.dtype for t in adapter.values()} == {dtype}
     assert all("language_model" in k for k in adapter), "LoRA leaked onto the vision tower"
+
+    # DeepSpeed's fp32 master copy holds exactly the trainables; the saved projector is its rounding.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoint = run.train_dir / f"checkpoint-{STEPS}"
+    master = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), exclude_frozen_parameters=True)
+    saved = load_file(str(checkpoint / "non_lora_trainables.safetensors"))
+    assert len(master) == len(saved) + len(load_file(str(checkpoint / "adapter_model.safetensors")))
+    assert {t.dtype for t in master.values()} == {torch.float32}
+    for key, value in saved.items():
+        assert torch.equal(master[PEFT_PREFIX + key].to(dtype), value), key
 
     reference = load_llava(spec.model.base)
     before = reference.model.multi_modal_projector.linear_1.weight.detach().to(dtype)
