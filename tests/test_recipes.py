@@ -86,8 +86,10 @@ def scaled(recipe: str, tmp: Path, base) -> RunSpec:
     if shipped.training.deepspeed.startswith("zero3"):
         overrides.append("training.deepspeed_overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}")
     spec = load_spec(REPO / "jobs" / recipe, overrides)
-    kept = ("method", "training.precision", "training.deepspeed", "training.gradient_checkpointing",
-            "optim.lr", "optim.projector_lr", "model.template", "data.image_aspect_ratio")
+    kept = ("method", "model.template", "data.image_aspect_ratio", "data.max_length", "lora.dropout",
+            "lora.target_modules", "optim.lr", "optim.projector_lr", "optim.scheduler", "optim.warmup_ratio",
+            "optim.weight_decay", "training.precision", "training.deepspeed", "training.gradient_checkpointing",
+            "training.device_map", "training.packing")
     assert {k: field(spec, k) for k in kept} == {k: field(shipped, k) for k in kept}
     return spec
 
@@ -112,6 +114,7 @@ def test_scaling_changes_only_sizes_and_paths(recipe, tmp_path, llava_hf_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_shipped_recipe_trains_scaled_down(recipe, tmp_path, tiny_dir, llava_hf_dir, capsys):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from peft import PeftModel
 
     from llava_cluster.model.load import load_llava
@@ -147,8 +150,6 @@ def test_shipped_recipe_trains_scaled_down(recipe, tmp_path, tiny_dir, llava_hf_
     assert all("language_model" in k for k in adapter), "LoRA leaked onto the vision tower"
 
     # DeepSpeed's fp32 master copy holds exactly the trainables; the saved projector is its rounding.
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     checkpoint = run.train_dir / f"checkpoint-{STEPS}"
     master = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), exclude_frozen_parameters=True)
     saved = load_file(str(checkpoint / "non_lora_trainables.safetensors"))
