@@ -1,5 +1,7 @@
 """The kustomize tree (k8s/): every overlay renders with `kubectl kustomize`, validates offline,
-follows the pod policy, and holds exactly what `submit --backend k8s` would apply for its run.yaml.
+follows the pod policy, and holds exactly what `submit --backend k8s` would apply for its run.yaml
+(in that order). The overlays are the two example runs under each API: `<run>` Kubeflow Trainer v2,
+`<run>-v1` the training operator v1.
 
 After changing the launcher or a run.yaml: `python tests/test_k8s_kustomize.py --regenerate`.
 """
@@ -50,19 +52,27 @@ def test_overlay_renders_validates_and_equals_what_submit_applies(overlay):
     docs = kustomize(OVERLAYS / overlay)
     for doc in docs:
         validate(doc)
-    assert_policy(docs, spec.resources.gpus_per_node, spec.k8s.shm_size)
+    assert_policy(docs, spec)
     rendered = k8s.render(spec, STAGES)
-    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
-    for want in rendered[1:]:
-        assert by_name[(want["kind"], want["metadata"]["name"])] == want
-    config_map = by_name[("ConfigMap", rendered[0]["metadata"]["name"])]
+    workloads = [d for d in docs if d["kind"] not in ("ConfigMap", "PersistentVolumeClaim", "ServiceAccount")]
+    assert workloads == rendered[1:]  # the same objects in the same order (the runtime before its TrainJob)
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
     assert config_map["metadata"] == rendered[0]["metadata"]
     assert spec_from_dict(yaml.safe_load(config_map["data"]["spec.yaml"])).digest() == spec.digest()
-    assert {d["kind"] for d in docs} == {"ConfigMap", "PersistentVolumeClaim", "ServiceAccount", "Job",
-                                        *(["PyTorchJob"] if spec.method == "lora" else [])}
+    train_kinds = {"trainer-v2": ["TrainingRuntime", "TrainJob"],
+                   "pytorchjob": ["PyTorchJob"] if spec.method == "lora" else []}[spec.k8s.api]
+    assert {d["kind"] for d in docs} == {"ConfigMap", "PersistentVolumeClaim", "ServiceAccount", "Job", *train_kinds}
 
 
-@pytest.mark.parametrize("overlay, job", [("lora-multinode", "lora-13b-multinode"), ("qlora-1node", "qlora-13b-1node")])
+def test_every_example_run_has_an_overlay_under_each_api():
+    apis = {(o.name, load_spec(o / "run.yaml").k8s.api) for o in OVERLAYS.iterdir()}
+    assert apis == {("lora-multinode", "trainer-v2"), ("qlora-1node", "trainer-v2"),
+                    ("lora-multinode-v1", "pytorchjob"), ("qlora-1node-v1", "pytorchjob")}
+
+
+@pytest.mark.parametrize("overlay, job", [("lora-multinode", "lora-13b-multinode"), ("qlora-1node", "qlora-13b-1node"),
+                                          ("lora-multinode-v1", "lora-13b-multinode"),
+                                          ("qlora-1node-v1", "qlora-13b-1node")])
 def test_overlay_run_is_the_example_job_spec_with_a_k8s_section(overlay, job):
     def run_only(path: Path) -> dict:
         data = load_spec(path).to_dict()

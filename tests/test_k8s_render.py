@@ -1,5 +1,6 @@
-"""`render()` and `submit()` of the Kubernetes launcher: valid manifests (offline schemas), the pod
-policy, the merge/validate ordering, and what submit does with kubectl present, absent or failing."""
+"""`render()` and `submit()` of the Kubernetes launcher under both APIs (Kubeflow Trainer v2, training
+operator v1): valid manifests (offline schemas, strict), the pod policy, Kueue and gang settings, the
+merge/validate ordering, and what submit does with kubectl present, absent or failing."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from k8s_checks import REPO, assert_policy, by_component, pod_templates, validate
+from k8s_checks import REPO, assert_policy, by_component, pod_templates, runtime_of, validate
 
 from llava_cluster.errors import UserError
 from llava_cluster.launch import k8s
@@ -39,27 +40,119 @@ def example(name: str):
 
 
 SPECS = {"tiny": tiny_spec,
-         "jobs/lora-13b-multinode": lambda: load_spec(REPO / "jobs" / "lora-13b-multinode.yaml"),
-         "jobs/qlora-13b-1node": lambda: load_spec(REPO / "jobs" / "qlora-13b-1node.yaml"),
-         "k8s/lora-multinode": lambda: example("lora-multinode"),
-         "k8s/qlora-1node": lambda: example("qlora-1node")}
+         **{f"jobs/{p.stem}": (lambda p=p: load_spec(p)) for p in sorted((REPO / "jobs").glob("*.yaml"))}}
+EXAMPLES = sorted(p.name for p in OVERLAYS.iterdir())
+# the cluster kinds: plain, Kueue, Volcano / coscheduling gangs, with a PriorityClass
+CLUSTERS = {"plain": {}, "kueue": {"queue": "team-a", "priority_class": "research"},
+            "volcano": {"gang": "volcano"}, "coscheduling": {"gang": "coscheduling", "priority_class": "high"}}
 
 
-@pytest.mark.parametrize("which", SPECS)
-def test_rendered_manifests_validate_and_follow_policy(which):
-    spec = SPECS[which]()
+def on(spec, api: str, cluster: str = "plain"):
+    """The spec as submitted with that API to a cluster of that kind."""
+    data = spec.to_dict()
+    data["k8s"] = {**data["k8s"], "api": api, "queue": None, "gang": None, "priority_class": None, **CLUSTERS[cluster]}
+    return spec_from_dict(data)
+
+
+def train_kinds(spec) -> list[str]:
+    if spec.k8s.api == "trainer-v2":
+        return ["TrainingRuntime", "TrainJob"]
+    return ["Job" if spec.method == "qlora" else "PyTorchJob"]
+
+
+def _check(spec) -> list[dict]:
     docs = k8s.render(spec, ALL)
-    assert [d["kind"] for d in docs] == ["ConfigMap", "Job" if spec.method == "qlora" else "PyTorchJob", "Job", "Job"]
+    assert [d["kind"] for d in docs] == ["ConfigMap", *train_kinds(spec), "Job", "Job"]
     for doc in docs:
         validate(doc)
-    assert_policy(docs, spec.resources.gpus_per_node, spec.k8s.shm_size)
+    assert_policy(docs, spec)
+    return docs
+
+
+@pytest.mark.parametrize("api", ["trainer-v2", "pytorchjob"])
+@pytest.mark.parametrize("which", SPECS)
+def test_every_job_spec_renders_valid_manifests_under_both_apis(which, api):
+    docs = _check(on(SPECS[which](), api))
     # the ConfigMap carries the spec itself: loading it back gives the same run
     frozen = yaml.safe_load(docs[0]["data"]["spec.yaml"])
-    assert spec_from_dict(frozen).digest() == spec.digest()
+    assert spec_from_dict(frozen).digest() == on(SPECS[which](), api).digest()
+
+
+@pytest.mark.parametrize("overlay", EXAMPLES)
+def test_example_runs_render_valid_manifests(overlay):
+    _check(example(overlay))
+
+
+@pytest.mark.parametrize("cluster", [c for c in CLUSTERS if c != "plain"])
+@pytest.mark.parametrize("api", ["trainer-v2", "pytorchjob"])
+def test_queue_gang_and_priority_settings_render_valid_manifests(api, cluster):
+    docs = _check(on(load_spec(REPO / "jobs" / "lora-13b-multinode.yaml"), api, cluster))
+    workloads = [d for d in docs if d["kind"] in ("TrainJob", "PyTorchJob", "Job")]
+    assert len(workloads) == 3
+    if cluster == "kueue":
+        assert all(d["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" for d in workloads)
+
+
+def test_trainer_v2_gang_is_the_runtimes_pod_group_policy():
+    spec = on(load_spec(REPO / "jobs" / "lora-13b-multinode.yaml"), "trainer-v2", "coscheduling")
+    docs = k8s.render(spec, ["train"])
+    runtime = runtime_of(docs, by_component(docs)["train"])
+    assert runtime["spec"]["podGroupPolicy"] == {"coscheduling": {"scheduleTimeoutSeconds": 600}}
+    (template,) = pod_templates(runtime)
+    assert template["spec"]["schedulerName"] == "scheduler-plugins-scheduler"
+    assert template["spec"]["priorityClassName"] == "high"
+    docs = k8s.render(on(spec, "trainer-v2", "volcano"), ["train"])
+    assert runtime_of(docs, by_component(docs)["train"])["spec"]["podGroupPolicy"] == {"volcano": {}}
+
+
+def test_pytorchjob_gang_is_a_pod_group_of_all_nodes_and_kueue_suspends_its_run_policy():
+    spec = on(load_spec(REPO / "jobs" / "lora-13b-multinode.yaml"), "pytorchjob", "coscheduling")
+    run_policy = by_component(k8s.render(spec, ["train"]))["train"]["spec"]["runPolicy"]
+    assert run_policy["schedulingPolicy"] == {"minAvailable": 2, "priorityClass": "high"}
+    assert "suspend" not in run_policy
+    queued = by_component(k8s.render(on(spec, "pytorchjob", "kueue"), ["train"]))["train"]["spec"]["runPolicy"]
+    assert queued["suspend"] is True and "schedulingPolicy" not in queued
+
+
+def test_trainjob_sizes_the_run_and_references_its_own_runtime():
+    spec = example("lora-multinode")
+    docs = k8s.render(spec, ["train"])
+    assert [d["kind"] for d in docs] == ["ConfigMap", "TrainingRuntime", "TrainJob"]
+    train_job = by_component(docs)["train"]
+    assert train_job["metadata"]["name"] == "lora-13b-multinode-train"
+    assert train_job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "user-queue"
+    assert train_job["spec"]["suspend"] is True
+    assert train_job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                                               "name": "lora-13b-multinode-runtime"}
+    trainer = train_job["spec"]["trainer"]
+    assert trainer == {"args": ["train", "--run-dir", "/shared/runs/lora-13b-multinode",
+                                "--spec", "/etc/llava-cluster/spec.yaml"],
+                       "numNodes": 2, "numProcPerNode": 8,
+                       "resourcesPerNode": {"requests": {"cpu": "8"}, "limits": {"nvidia.com/gpu": "8"}}}
+    runtime = runtime_of(docs, train_job)
+    assert "kueue.x-k8s.io/queue-name" not in runtime["metadata"]["labels"]  # runs no pods itself
+    assert runtime["spec"]["mlPolicy"] == {"torch": {}}
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert node["template"]["metadata"]["labels"] == {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+    assert node["template"]["spec"]["backoffLimit"] == 0
+    assert runtime["spec"]["template"]["spec"]["failurePolicy"] == {"maxRestarts": 3}
+    pod = node["template"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["name"] == "node" and c["image"] == spec.k8s.image and "args" not in c
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    env = {e["name"]: e for e in c["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}
+
+
+def test_qlora_under_trainer_v2_is_one_node_and_unqueued_without_a_queue():
+    spec = example("qlora-1node")
+    train_job = by_component(k8s.render(spec, ["train"]))["train"]
+    assert train_job["spec"]["trainer"]["numNodes"] == 1 and train_job["spec"]["trainer"]["numProcPerNode"] == 4
+    assert "suspend" not in train_job["spec"] and "kueue.x-k8s.io/queue-name" not in train_job["metadata"]["labels"]
 
 
 def test_multinode_lora_is_master_plus_workers_with_the_run_on_the_volume():
-    spec = example("lora-multinode")
+    spec = example("lora-multinode-v1")
     job = by_component(k8s.render(spec, ALL))["train"]
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == spec.resources.nodes - 1 == 1
@@ -78,7 +171,7 @@ def test_multinode_lora_is_master_plus_workers_with_the_run_on_the_volume():
 
 
 def test_single_node_lora_has_no_workers_and_no_token_without_a_secret():
-    spec = tiny_spec()
+    spec = tiny_spec(api="pytorchjob")
     spec.resources.nodes = 1
     spec.resources.mem = "900G"
     job = by_component(k8s.render(spec, ["train"]))["train"]
@@ -116,7 +209,7 @@ def test_paths_off_the_volume_are_refused_for_submit_and_warned_in_dry_run(capsy
     assert k8s.submit(spec, ALL, dry_run=True) == 0
     out, errout = capsys.readouterr()
     assert "warning" in errout and "storage: /scratch" in errout
-    assert [d["kind"] for d in yaml.safe_load_all(out)] == ["ConfigMap", "PyTorchJob", "Job", "Job"]
+    assert [d["kind"] for d in yaml.safe_load_all(out)] == ["ConfigMap", "TrainingRuntime", "TrainJob", "Job", "Job"]
 
 
 def test_dry_run_prints_exactly_the_rendered_manifests(capsys):
@@ -153,10 +246,32 @@ def test_submit_checks_for_earlier_jobs_then_applies_all_manifests(tmp_path, mon
     spec = tiny_spec(namespace="ml")
     assert k8s.submit(spec, ALL, dry_run=False) == 0
     get, apply = [json.loads(line) for line in log.read_text().splitlines()]
-    assert get["argv"] == ["get", "-n", "ml", "--ignore-not-found", "-o", "name", "pytorchjob/tiny-local-train",
+    # the TrainingRuntime is configuration that apply updates; the workloads must not exist yet
+    assert get["argv"] == ["get", "-n", "ml", "--ignore-not-found", "-o", "name", "trainjob/tiny-local-train",
                            "job/tiny-local-merge", "job/tiny-local-validate"]
     assert apply["argv"] == ["apply", "-f", "-"]
     assert list(yaml.safe_load_all(apply["stdin"])) == k8s.render(spec, ALL)
+
+
+def test_submit_under_pytorchjob_checks_for_the_pytorchjob(tmp_path, monkeypatch):
+    log = _fake_kubectl(tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert k8s.submit(tiny_spec(api="pytorchjob"), ["train"], dry_run=False) == 0
+    get = json.loads(log.read_text().splitlines()[0])
+    assert get["argv"][-1] == "pytorchjob/tiny-local-train"
+
+
+def test_strict_crd_validation_refuses_a_misspelt_trainjob_field():
+    """The offline check is worth something only if it refuses what the API server would."""
+    docs = k8s.render(tiny_spec(), ["train"])
+    train_job = by_component(docs)["train"]
+    train_job["spec"]["trainer"]["numProcsPerNode"] = 1
+    with pytest.raises(AssertionError, match="numProcsPerNode"):
+        validate(train_job)
+    runtime = runtime_of(docs, train_job)
+    pod_templates(runtime)[0]["spec"]["containers"][0]["securityContext"]["runAsNonroot"] = True
+    with pytest.raises(AssertionError, match="runAsNonroot"):
+        validate(runtime)
 
 
 def test_submit_refuses_when_jobs_of_an_earlier_submission_exist(tmp_path, monkeypatch):
@@ -236,20 +351,25 @@ def test_wait_command_as_the_init_container_runs_it(tmp_path):
 HOSTILE = "$(touch PWNED) `id`; it's \"quoted\" [a-z0-9] && x"
 
 
-def test_shell_syntax_in_legal_values_reaches_the_pods_as_plain_data(capsys):
+@pytest.mark.parametrize("api", ["trainer-v2", "pytorchjob"])
+def test_shell_syntax_in_legal_values_reaches_the_pods_as_plain_data(capsys, api):
     """Env values and paths full of shell syntax: every manifest value round-trips exactly, container
     commands are argument lists, and the dry-run warning keeps the text (rich markup included)."""
-    spec = spec_from_dict({**tiny_spec().to_dict(), "env": {"NCCL_DEBUG": HOSTILE},
+    spec = spec_from_dict({**tiny_spec(api=api).to_dict(), "env": {"NCCL_DEBUG": HOSTILE},
                            "storage": f"/shared/store {HOSTILE}"})
     docs = k8s.render(spec, ALL)
     reloaded = list(yaml.safe_load_all(k8s.to_yaml(docs)))
     assert reloaded == docs
+    # Trainer v2: the TrainJob's trainer gives the runtime's `node` container its arguments
+    trainer = next((d["spec"]["trainer"] for d in reloaded if d["kind"] == "TrainJob"), None)
     for doc in reloaded:
         for template in pod_templates(doc):
             for c in template["spec"]["containers"] + template["spec"].get("initContainers", []):
-                assert "command" not in c and all(isinstance(a, str) for a in c["args"])
-                assert str(spec.run_dir) in c["args"]
+                args = trainer["args"] if doc["kind"] == "TrainingRuntime" else c["args"]
+                assert "command" not in c and all(isinstance(a, str) for a in args)
+                assert str(spec.run_dir) in args
                 assert {"name": "NCCL_DEBUG", "value": HOSTILE} in c["env"]
+    assert trainer is None or "command" not in trainer
     assert spec_from_dict(yaml.safe_load(reloaded[0]["data"]["spec.yaml"])).env == {"NCCL_DEBUG": HOSTILE}
     spec.data.train = f"/home/{HOSTILE}"
     assert k8s.submit(spec, ALL, dry_run=True) == 0
@@ -257,7 +377,9 @@ def test_shell_syntax_in_legal_values_reaches_the_pods_as_plain_data(capsys):
 
 
 @pytest.mark.parametrize("field, value", [("namespace", "ns;touch PWNED"), ("claim", "$(x)"),
-                                          ("service_account", "a b"), ("hub_token_secret", "tok\nx")])
+                                          ("service_account", "a b"), ("hub_token_secret", "tok\nx"),
+                                          ("queue", "Team A"), ("priority_class", "high;x"), ("api", "mpijob"),
+                                          ("gang", "slurm")])
 def test_names_that_kubernetes_would_not_take_are_refused_at_load(field, value):
     with pytest.raises(UserError, match=f"k8s.{field}"):
         spec_from_dict({**tiny_spec().to_dict(), "k8s": {field: value}})

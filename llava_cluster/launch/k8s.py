@@ -3,8 +3,10 @@
     ConfigMap  <run>-spec       the spec, mounted at /etc/llava-cluster/spec.yaml; `stage --spec`
                                 freezes it into the run directory (the submitting machine usually
                                 cannot see the shared volume)
-    train      LoRA:  a Kubeflow PyTorchJob (Master + nodes-1 Workers, nprocPerNode = GPUs per node);
-               QLoRA: a batch/v1 Job on one node (the stage starts its ranks with torchrun)
+    train      k8s.api trainer-v2 (default): a Kubeflow Trainer v2 TrainJob and its TrainingRuntime
+               (launch/k8s_trainer.py), LoRA on `nodes` nodes, QLoRA on one;
+               k8s.api pytorchjob (training operator v1): LoRA as a PyTorchJob (Master + nodes-1
+               Workers, nprocPerNode = GPUs per node), QLoRA as a batch/v1 Job on one node
     merge      a batch/v1 Job on CPU (merging is memory-bound arithmetic; it frees no GPU to wait on)
     validate   a batch/v1 Job with one GPU
 
@@ -12,12 +14,14 @@ Kubernetes has no dependencies between Jobs, so merge and validate start with an
 (`python -m llava_cluster.launch.k8s wait ...`) that blocks until the previous stage's
 `state/<stage>.json` says succeeded. It exits 3 when that stage stays failed, and a podFailurePolicy
 turns exit 3 into a failed Job instead of a retry. While it waits, the pod holds its own requests:
-validate keeps one GPU reserved during training (submit validate later if that matters).
+validate keeps one GPU reserved during training (submit validate later if that matters). The same
+ordering serves both APIs and stages submitted separately (`--stages merge`); a JobSet `dependsOn`
+would only order replicated Jobs inside the TrainJob's own runtime, whose torch plugin treats every
+node Job as a training rank.
 
-Every pod runs as a non-root user without privilege escalation, with all capabilities dropped, the
-RuntimeDefault seccomp profile and a read-only root filesystem (HOME and caches live on /tmp); the
-shared volume is the claim `spec.k8s.claim` mounted at `spec.k8s.mount_path`, /dev/shm is
-memory-backed. A hub token comes only from a Secret reference (`spec.k8s.hub_token_secret`).
+`k8s.queue` (Kueue) labels every workload with its LocalQueue and creates it suspended; `k8s.gang`
+gang-schedules the train pods with Volcano or the coscheduling plugin; `k8s.priority_class` names
+every pod's PriorityClass. The pod policy is in launch/k8s_pod.py.
 
 Spec strings reach the manifests only as YAML scalars written by the dumper (never through a shell:
 containers get argument lists), and `spec.py` has already refused control characters and names that
@@ -27,7 +31,6 @@ are not Kubernetes names.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import subprocess
 import sys
@@ -37,25 +40,15 @@ from typing import Any
 
 import yaml
 
-from llava_cluster import __version__
 from llava_cluster.errors import UserError
+from llava_cluster.launch.k8s_pod import TRAIN_RESTARTS, k8s_name, meta, pod, queued, resources, stage_args
+from llava_cluster.launch.k8s_trainer import train_stage
 from llava_cluster.rundir import PREEMPTED_EXIT, RunDir
 from llava_cluster.spec import PATH_FIELDS, RunSpec
 
-SPEC_MOUNT = "/etc/llava-cluster"
-RUN_USER = 1000  # the `llava` user of docker/Dockerfile*
 WAIT_FAILED_EXIT = 3  # the init container's "upstream stage failed": fail the Job, do not retry
 FINISHED_TTL = 7 * 24 * 3600  # finished Jobs (and their logs) stay a week
 UPSTREAM = {"merge": "train", "validate": "merge"}
-
-
-def k8s_name(run: str, stage: str) -> str:
-    """A DNS-1035 name for a run's object: PyTorchJob pods and Services are `<name>-worker-<i>`,
-    so it must start with a letter, hold no dots and leave room for that suffix under 63 chars."""
-    base = re.sub(r"[^a-z0-9-]+", "-", run.lower()).strip("-")
-    if not base[:1].isalpha():
-        base = f"r-{base}"
-    return f"{base[:40].rstrip('-')}-{stage}"
 
 
 def paths_outside_mount(spec: RunSpec) -> list[str]:
@@ -73,107 +66,8 @@ def paths_outside_mount(spec: RunSpec) -> list[str]:
     return outside
 
 
-def _labels(spec: RunSpec, component: str) -> dict[str, str]:
-    return {
-        "app.kubernetes.io/name": "llava-cluster",
-        "app.kubernetes.io/instance": spec.name,
-        "app.kubernetes.io/component": component,
-        "app.kubernetes.io/version": __version__,
-        "app.kubernetes.io/managed-by": "llava-cluster",
-        "llava-cluster.io/run": spec.name,
-    }
-
-
-def _meta(spec: RunSpec, name: str, component: str) -> dict[str, Any]:
-    return {"name": name, "namespace": spec.k8s.namespace, "labels": _labels(spec, component)}
-
-
-def _env(spec: RunSpec) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
-    env += [{"name": k, "value": v} for k, v in spec.env.items()]
-    if spec.k8s.hub_token_secret:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
-            "name": spec.k8s.hub_token_secret, "key": "HF_TOKEN"}}})
-    return env
-
-
-def _container_security() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-    }
-
-
-def _stage_args(spec: RunSpec, stage: str) -> list[str]:
-    """Arguments for the image's entrypoint, which runs `llava-cluster stage <stage> ...`."""
-    return [stage, "--run-dir", str(spec.run_dir), "--spec", f"{SPEC_MOUNT}/spec.yaml"]
-
-
-def _memory(slurm_mem: str) -> str | None:
-    """The spec's SLURM-style memory ("500G", "0" = whole node) as a Kubernetes quantity."""
-    match = re.fullmatch(r"(\d+)([KMGT]?)B?", slurm_mem.strip().upper())
-    if not match or match.group(1) == "0":
-        return None
-    number, unit = match.groups()
-    return f"{number}{unit or 'M'}i"
-
-
-def _resources(spec: RunSpec, gpus: int) -> dict[str, Any]:
-    requests: dict[str, str] = {"cpu": str(spec.resources.cpus_per_task)}
-    memory = _memory(spec.resources.mem)
-    if memory:
-        requests["memory"] = memory
-    resources: dict[str, Any] = {"requests": requests}
-    if gpus:
-        resources["limits"] = {"nvidia.com/gpu": str(gpus)}
-    return resources
-
-
-def _pod(spec: RunSpec, component: str, container: dict[str, Any],
-         init: list[dict[str, Any]] | None = None, shm: bool = False) -> dict[str, Any]:
-    """Pod template shared by every stage: security, volumes, scheduling hooks."""
-    k = spec.k8s
-    volumes: list[dict[str, Any]] = [
-        {"name": "shared", "persistentVolumeClaim": {"claimName": k.claim}},
-        {"name": "spec", "configMap": {"name": k8s_name(spec.name, "spec")}},
-        {"name": "tmp", "emptyDir": {}},
-    ]
-    mounts: list[dict[str, Any]] = [
-        {"name": "shared", "mountPath": k.mount_path},
-        {"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True},
-        {"name": "tmp", "mountPath": "/tmp"},
-    ]
-    if shm:
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}})
-        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    common = {"image": k.image, "imagePullPolicy": "IfNotPresent", "env": _env(spec),
-              "volumeMounts": mounts, "securityContext": _container_security()}
-    pod: dict[str, Any] = {
-        "automountServiceAccountToken": False,
-        "securityContext": {
-            "runAsNonRoot": True, "runAsUser": RUN_USER, "runAsGroup": RUN_USER, "fsGroup": RUN_USER,
-            # a recursive chown of a large shared volume at every mount would take hours
-            "fsGroupChangePolicy": "OnRootMismatch",
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [{**container, **common}],
-        "volumes": volumes,
-    }
-    if init:
-        pod["initContainers"] = [{**c, **common} for c in init]
-    if k.service_account:
-        pod["serviceAccountName"] = k.service_account
-    if k.node_selector:
-        pod["nodeSelector"] = dict(k.node_selector)
-    if k.tolerations:
-        pod["tolerations"] = [dict(t) for t in k.tolerations]
-    return {"metadata": {"labels": _labels(spec, component)}, "spec": pod}
-
-
 def _config_map(spec: RunSpec) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(spec, k8s_name(spec.name, "spec"), "spec"),
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(spec, k8s_name(spec.name, "spec"), "spec"),
             "data": {"spec.yaml": spec.to_yaml()}}
 
 
@@ -181,47 +75,52 @@ def _pytorchjob(spec: RunSpec) -> dict[str, Any]:
     """Multi-node (or multi-GPU) LoRA: the operator injects MASTER_*/PET_* and the stage starts
     torchrun with PET_NPROC_PER_NODE ranks on every pod."""
     gpus = spec.resources.gpus_per_node
-    container = {"name": "pytorch", "args": _stage_args(spec, "train"),
-                 "resources": _resources(spec, gpus)}
+    container = {"name": "pytorch", "args": stage_args(spec, "train"),
+                 "resources": resources(spec, gpus)}
 
     def replicas(n: int) -> dict[str, Any]:
         # OnFailure: a failed rank restarts in place, every rank re-rendezvouses and resumes from
         # the last complete checkpoint; runPolicy.backoffLimit bounds the retries.
         return {"replicas": n, "restartPolicy": "OnFailure",
-                "template": _pod(spec, "train", container, shm=True)}
+                "template": pod(spec, "train", container, shm=True, gang=True)}
 
     specs = {"Master": replicas(1)}
     if spec.resources.nodes > 1:
         specs["Worker"] = replicas(spec.resources.nodes - 1)
+    run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": TRAIN_RESTARTS,
+                                  "ttlSecondsAfterFinished": FINISHED_TTL}
+    if queued(spec):
+        run_policy["suspend"] = True
+    if spec.k8s.gang:
+        # the operator (started with --gang-scheduler-name) makes the PodGroup: all nodes or none
+        run_policy["schedulingPolicy"] = {"minAvailable": spec.resources.nodes}
+        if spec.k8s.priority_class:
+            run_policy["schedulingPolicy"]["priorityClass"] = spec.k8s.priority_class
     return {
         "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-        "metadata": _meta(spec, k8s_name(spec.name, "train"), "train"),
-        "spec": {
-            "nprocPerNode": str(gpus),
-            "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 3, "ttlSecondsAfterFinished": FINISHED_TTL},
-            "pytorchReplicaSpecs": specs,
-        },
+        "metadata": meta(spec, k8s_name(spec.name, "train"), "train", workload=True),
+        "spec": {"nprocPerNode": str(gpus), "runPolicy": run_policy, "pytorchReplicaSpecs": specs},
     }
 
 
 def _job(spec: RunSpec, stage: str, container: dict[str, Any], init: list[dict[str, Any]] | None,
          shm: bool, failure_rules: list[dict[str, Any]]) -> dict[str, Any]:
-    template = _pod(spec, stage, container, init=init, shm=shm)
+    template = pod(spec, stage, container, init=init, shm=shm, gang=stage == "train")
     template["spec"]["restartPolicy"] = "Never"  # required by podFailurePolicy
     rules = failure_rules + [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
-    return {
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": _meta(spec, k8s_name(spec.name, stage), stage),
-        "spec": {"backoffLimit": 2, "ttlSecondsAfterFinished": FINISHED_TTL,
-                 "podFailurePolicy": {"rules": rules}, "template": template},
-    }
+    job_spec: dict[str, Any] = {"backoffLimit": 2, "ttlSecondsAfterFinished": FINISHED_TTL,
+                                "podFailurePolicy": {"rules": rules}, "template": template}
+    if queued(spec):
+        job_spec["suspend"] = True
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": meta(spec, k8s_name(spec.name, stage), stage, workload=True), "spec": job_spec}
 
 
 def _qlora_job(spec: RunSpec) -> dict[str, Any]:
     """Single-node QLoRA: no PyTorchJob needed; the stage starts `gpus_per_node` ranks itself."""
     gpus = spec.resources.gpus_per_node
-    container = {"name": "train", "args": _stage_args(spec, "train"),
-                 "resources": _resources(spec, gpus)}
+    container = {"name": "train", "args": stage_args(spec, "train"),
+                 "resources": resources(spec, gpus)}
     # Preempted after a complete checkpoint (exit 75): a new pod resumes; not counted as a failure.
     rules = [{"action": "Ignore", "onExitCodes": {"containerName": "train", "operator": "In",
                                                   "values": [PREEMPTED_EXIT]}}]
@@ -234,22 +133,26 @@ def _post_train_job(spec: RunSpec, stage: str) -> dict[str, Any]:
               "args": ["python", "-m", "llava_cluster.launch.k8s", "wait", upstream, "--run-dir", str(spec.run_dir)],
               "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}}}
     gpus = 1 if stage == "validate" else 0
-    container = {"name": stage, "args": _stage_args(spec, stage),
-                 "resources": _resources(spec, gpus)}
+    container = {"name": stage, "args": stage_args(spec, stage),
+                 "resources": resources(spec, gpus)}
     rules = [{"action": "FailJob", "onExitCodes": {"containerName": waiter["name"], "operator": "In",
                                                    "values": [WAIT_FAILED_EXIT]}}]
     return _job(spec, stage, container, [waiter], shm=gpus > 0, failure_rules=rules)
 
 
 def render(spec: RunSpec, stages: list[str]) -> list[dict[str, Any]]:
-    """The manifests for `stages` of the run, in apply order: the spec ConfigMap, then one workload
-    per stage. Pure: reads nothing, writes nothing."""
+    """The manifests for `stages` of the run, in apply order: the spec ConfigMap, then the stages'
+    objects (under trainer-v2 the train stage is its TrainingRuntime, then the TrainJob). Pure:
+    reads nothing, writes nothing."""
     unknown = [s for s in stages if s not in ("train", *UPSTREAM)]
     if unknown:
         raise UserError(f"unknown stage(s) {', '.join(unknown)}; stages are train, merge, validate")
     docs = [_config_map(spec)]
     if "train" in stages:
-        docs.append(_qlora_job(spec) if spec.method == "qlora" else _pytorchjob(spec))
+        if spec.k8s.api == "trainer-v2":
+            docs += train_stage(spec)
+        else:
+            docs.append(_qlora_job(spec) if spec.method == "qlora" else _pytorchjob(spec))
     docs += [_post_train_job(spec, s) for s in ("merge", "validate") if s in stages]
     return docs
 
@@ -277,7 +180,8 @@ def _kubectl(args: list[str], stdin: str | None = None) -> subprocess.CompletedP
 def _existing(spec: RunSpec, docs: list[dict[str, Any]]) -> list[str]:
     """Workloads of this run that already exist: `kubectl apply` would leave a finished one as it is
     (or refuse to change its immutable template), so the stage would silently not run again."""
-    refs = [f"{d['kind'].lower()}/{d['metadata']['name']}" for d in docs if d["kind"] != "ConfigMap"]
+    refs = [f"{d['kind'].lower()}/{d['metadata']['name']}" for d in docs
+            if d["kind"] not in ("ConfigMap", "TrainingRuntime")]  # configuration: apply updates it
     if not refs:
         return []
     found = _kubectl(["get", "-n", spec.k8s.namespace, "--ignore-not-found", "-o", "name", *refs])

@@ -3,9 +3,11 @@
 Three shapes, checked in this order:
   rank     one process per rank already: torchrun children (RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*), or
            SLURM srun tasks (SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS; master = first allocated node)
-  node     one process per node that must start its ranks: Kubeflow PyTorchJob (MASTER_ADDR,
-           MASTER_PORT, PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK; RANK there is the node rank)
-           or an sbatch with one task per node — re-executed under torchrun, static rendezvous
+  node     one process per node that must start its ranks: a Kubeflow Trainer v2 TrainJob
+           (PET_NNODES, PET_NPROC_PER_NODE — a number or `auto` —, PET_NODE_RANK, PET_MASTER_ADDR,
+           PET_MASTER_PORT, nothing else), a Kubeflow PyTorchJob (MASTER_ADDR, MASTER_PORT and the
+           same PET_NNODES/PET_NPROC_PER_NODE/PET_NODE_RANK; RANK there is the node rank), or an
+           sbatch with one task per node — re-executed under torchrun, static rendezvous
   local    nothing set: this machine alone, `resources.gpus_per_node` ranks (torchrun if more than 1)
 
 SLURM jobs use the rank shape: `srun --ntasks-per-node=<gpus>` starts every rank directly, so a
@@ -19,7 +21,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from llava_cluster.errors import UserError
+
 DEFAULT_PORT = 29500
+PYTORCHJOB_PORT = 23456  # the training operator's default master port
 
 
 @dataclass(frozen=True)
@@ -78,14 +83,19 @@ def rank_env(env: dict[str, str] | None = None) -> dict[str, str] | None:
 def node_launch(gpus_per_node: int, env: dict[str, str] | None = None) -> NodeLaunch:
     """The node-level picture when this process must start the node's ranks itself."""
     env = dict(os.environ if env is None else env)
-    if "PET_NNODES" in env:  # Kubeflow PyTorchJob
-        nnodes = int(env["PET_NNODES"].split(":")[-1])
+    if "PET_NNODES" in env:  # Kubeflow: Trainer v2 sets PET_MASTER_*, the training operator v1 MASTER_*
+        master_addr = env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR")
+        if not master_addr:
+            raise UserError("PET_NNODES is set but neither PET_MASTER_ADDR (Kubeflow Trainer v2) nor "
+                            "MASTER_ADDR (PyTorchJob) is: the launcher did not say where rank 0 listens")
+        nproc = env.get("PET_NPROC_PER_NODE", "auto")
         return NodeLaunch(
-            nnodes=nnodes,
-            nproc_per_node=int(env.get("PET_NPROC_PER_NODE", gpus_per_node)),
+            nnodes=int(env["PET_NNODES"].split(":")[-1]),
+            # `auto` (Trainer v2's default): the node's GPUs, which the spec's resources request
+            nproc_per_node=gpus_per_node if nproc == "auto" else int(nproc),
             node_rank=int(env.get("PET_NODE_RANK", env.get("RANK", "0"))),
-            master_addr=env["MASTER_ADDR"],
-            master_port=int(env.get("MASTER_PORT", 23456)),
+            master_addr=master_addr,
+            master_port=int(env.get("PET_MASTER_PORT") or env.get("MASTER_PORT") or PYTORCHJOB_PORT),
         )
     if "SLURM_JOB_NODELIST" in env and "SLURM_NNODES" in env:
         return NodeLaunch(

@@ -1,0 +1,38 @@
+"""launch/topology.py maps each launcher's environment: Kubeflow Trainer v2 (PET_* only), the
+training operator v1 (MASTER_* + PET_*), SLURM, or nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from llava_cluster.errors import UserError
+from llava_cluster.launch.topology import NodeLaunch, node_launch, rank_env, torchrun_argv
+
+# exactly what Trainer v2.3.0's torch plugin injects into container `node` of TrainJob `tj`, node 1 of 2
+TRAINER_V2 = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "4", "PET_NODE_RANK": "1",
+              "PET_MASTER_ADDR": "tj-node-0-0.tj", "PET_MASTER_PORT": "29500"}
+
+
+def test_trainer_v2_env_is_one_node_of_the_run_that_starts_its_ranks():
+    assert rank_env(TRAINER_V2) is None  # no RANK/WORLD_SIZE: this pod must start its ranks
+    launch = node_launch(8, TRAINER_V2)
+    assert launch == NodeLaunch(nnodes=2, nproc_per_node=4, node_rank=1, master_addr="tj-node-0-0.tj",
+                                master_port=29500)
+    assert torchrun_argv(launch, ["train"])[3:8] == ["--nproc-per-node=4", "--nnodes=2", "--node-rank=1",
+                                                     "--master-addr=tj-node-0-0.tj", "--master-port=29500"]
+
+
+def test_trainer_v2_auto_procs_per_node_are_the_specs_gpus():
+    assert node_launch(8, {**TRAINER_V2, "PET_NPROC_PER_NODE": "auto"}).nproc_per_node == 8
+
+
+def test_pytorchjob_env_still_maps_its_master_variables():
+    env = {"MASTER_ADDR": "run-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "2", "RANK": "1",
+           "PET_NNODES": "2", "PET_NPROC_PER_NODE": "8", "PET_NODE_RANK": "1"}
+    assert node_launch(8, env) == NodeLaunch(2, 8, 1, "run-master-0", 23456)
+
+
+def test_pet_variables_without_a_master_address_are_a_user_error():
+    env = {k: v for k, v in TRAINER_V2.items() if k != "PET_MASTER_ADDR"}
+    with pytest.raises(UserError, match="PET_MASTER_ADDR"):
+        node_launch(8, env)
