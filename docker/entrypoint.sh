@@ -3,9 +3,10 @@
 #   <image> train|merge|validate --run-dir DIR [--spec FILE]   runs `llava-cluster stage ...`
 #   <image>                                                    prints llava-cluster's help
 #   <image> COMMAND ...                                        runs COMMAND (e.g. llava-cluster data check ...)
-# The distributed environment needs no mapping here: `llava-cluster stage` reads it itself
-# (a Kubeflow PyTorchJob's MASTER_ADDR/MASTER_PORT/PET_NNODES/PET_NPROC_PER_NODE/PET_NODE_RANK, where
-# RANK is the node rank, make it start torchrun on the node; a torchrun or srun rank runs as it is).
+# The distributed environment needs no mapping here: `llava-cluster stage` reads it itself, in
+# llava_cluster/launch/topology.py (Kubeflow Trainer v2's PET_NNODES/PET_NPROC_PER_NODE/PET_NODE_RANK/
+# PET_MASTER_ADDR/PET_MASTER_PORT in container `node`, or a PyTorchJob's MASTER_ADDR/MASTER_PORT and
+# PET_*, make it start torchrun on the node; a torchrun or srun rank runs as it is).
 set -euo pipefail
 
 # Pods run as a non-root user on a read-only root filesystem: HOME and every cache go where writing
