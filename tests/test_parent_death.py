@@ -45,6 +45,7 @@ def wait_gone(pids: list[int], seconds: float = 60) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
 def test_torchrun_ranks_die_when_torchrun_is_killed(tmp_path):
     script = tmp_path / "rank.py"
