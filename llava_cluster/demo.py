@@ -36,10 +36,12 @@ def run_demo(workdir: Path, samples: int) -> int:
         return code
     run = workdir / "runs" / "tiny-local"
     metrics = json.loads((run / "validate" / "metrics.json").read_text())
+    em = metrics["comparison"]["exact_match"]
     console.print(
         f"\n[bold green]demo done[/] in {time.time() - started:.0f} s: exact match "
-        f"{metrics['base']['exact_match']:.0%} (base) -> {metrics['finetuned']['exact_match']:.0%} (fine-tuned) "
-        f"on {metrics['samples']} held-out samples\nreport: {run / 'validate' / 'report.html'}\n"
+        f"{metrics['base']['exact_match']:.0%} (base) -> {metrics['finetuned']['exact_match']:.0%} (fine-tuned), "
+        f"{em['delta'] * 100:+.0f} points (95% CI {em['ci_low'] * 100:+.0f} to {em['ci_high'] * 100:+.0f}) on "
+        f"{metrics['samples']} held-out samples; the report's path is printed above\n"
         f"status: llava-cluster status {run}", highlight=False)
     return 0
 
