@@ -252,6 +252,11 @@ class RunDir:
                 raise UserError(f"run {self.root.name} is already being run by pid {holder.get('pid', '?')} on "
                                 f"host {holder.get('host', '?')} (since {since}, lock {path}); wait for it to "
                                 f"finish or stop that process, then submit again") from None
+            except OSError as err:  # a filesystem without locks (ENOLCK): run, but say it is unguarded
+                from llava_cluster.console import err_console
+
+                err_console.print(f"[yellow]cannot lock {path} ({err.strerror}): a second submit of this run "
+                                  f"would not be refused[/]")
             with contextlib.suppress(OSError):  # who holds it is a courtesy; the flock is the lock
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),

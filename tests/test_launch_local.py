@@ -50,3 +50,16 @@ def test_a_second_submit_of_a_live_run_is_refused_and_a_killed_holder_blocks_not
         holder.wait()
     with run.lock():  # kill -9 released it
         pass
+
+
+def test_storage_without_file_locks_runs_unguarded_with_a_warning(spec, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # an NFS mount without lockd answers this
+    with RunDir(spec.run_dir).lock():
+        pass
+    assert "cannot lock" in capsys.readouterr().err
