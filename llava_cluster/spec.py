@@ -295,6 +295,8 @@ class K8sSpec(_Section):
     priority_class: str | None = Field(None, description="PriorityClass of every pod")
     gang: Literal["volcano", "coscheduling"] | None = Field(
         None, description="gang-schedule the train pods with this scheduler (not needed under Kueue)")
+    runtime_ref: str | None = Field(
+        None, description="trainer-v2: a ClusterTrainingRuntime the admin installed, instead of our own runtime")
 
     @field_validator("namespace")
     @classmethod
@@ -306,7 +308,7 @@ class K8sSpec(_Section):
     def _queue(cls, value: str | None) -> str | None:
         return _must_match(_K8S_LABEL, value, "a Kueue LocalQueue name (lower-case letters, digits and -)")
 
-    @field_validator("claim", "storage_class", "hub_token_secret", "service_account", "priority_class")
+    @field_validator("claim", "storage_class", "hub_token_secret", "service_account", "priority_class", "runtime_ref")
     @classmethod
     def _object_name(cls, value: str | None) -> str | None:
         return _must_match(_K8S_NAME, value, "a Kubernetes object name (lower-case letters, digits, - and .)")
@@ -327,6 +329,19 @@ class K8sSpec(_Section):
         if not value.startswith("/"):
             raise ValueError(f"{value!r} is not an absolute path")
         return value
+
+    @model_validator(mode="after")
+    def _runtime_ref_fits(self) -> K8sSpec:
+        """An admin's runtime is patched only where Trainer v2 allows (runtimePatches): a pod's
+        PriorityClass and scheduler are that runtime's, and a PyTorchJob has no runtime."""
+        if self.runtime_ref:
+            if self.api != "trainer-v2":
+                raise ValueError("runtime_ref names a Kubeflow Trainer v2 ClusterTrainingRuntime: it needs api: trainer-v2")
+            for field in ("priority_class", "gang"):
+                if getattr(self, field):
+                    raise ValueError(f"{field} cannot be set with runtime_ref (Trainer v2 cannot patch it into "
+                                     f"a runtime): set it in ClusterTrainingRuntime {self.runtime_ref}")
+        return self
 
 
 class MergeSpec(_Section):

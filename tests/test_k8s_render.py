@@ -144,6 +144,48 @@ def test_trainjob_sizes_the_run_and_references_its_own_runtime():
     assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}
 
 
+def test_an_admins_cluster_training_runtime_gets_our_pod_policy_as_a_runtime_patch():
+    spec = on(load_spec(REPO / "jobs" / "lora-13b-multinode.yaml", ["k8s.hub_token_secret=hf-token"]), "trainer-v2",
+              "kueue")
+    spec = spec_from_dict({**spec.to_dict(), "k8s": {**spec.to_dict()["k8s"], "priority_class": None,
+                                                     "runtime_ref": "torch-distributed",
+                                                     "service_account": "llava-cluster"}})
+    docs = k8s.render(spec, ALL)
+    assert [d["kind"] for d in docs] == ["ConfigMap", "TrainJob", "Job", "Job"]  # no runtime of ours
+    for doc in docs:
+        validate(doc)  # runtimePatches strictly against the v2.3.0 TrainJob CRD
+    train_job = by_component(docs)["train"]
+    assert train_job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                               "name": "torch-distributed"}
+    trainer = train_job["spec"]["trainer"]
+    assert trainer["image"] == spec.k8s.image and trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 8
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}} in trainer["env"]
+    (patch,) = train_job["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    upstream = yaml.safe_load((REPO.parent / "shared" / "k8s-schemas" / "trainer-v2" /
+                               "example-clustertrainingruntime-torch-distributed.yaml").read_text())
+    assert node["name"] in [r["name"] for r in upstream["spec"]["template"]["spec"]["replicatedJobs"]]
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["seccompProfile"] == {
+        "type": "RuntimeDefault"}
+    assert pod["serviceAccountName"] == "llava-cluster"  # k8s/base's account: no token mounted
+    assert {"name": "shared", "persistentVolumeClaim": {"claimName": "llava-shared"}} in pod["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]
+    (c,) = pod["containers"]
+    assert c["name"] == "node" and {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    assert c["securityContext"] == {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                                    "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    assert train_job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" and train_job["spec"]["suspend"]
+
+
+@pytest.mark.parametrize("extra, message", [(["k8s.api=pytorchjob"], "needs api: trainer-v2"),
+                                            (["k8s.priority_class=high"], "priority_class cannot be set"),
+                                            (["k8s.gang=volcano"], "gang cannot be set")])
+def test_runtime_ref_settings_trainer_v2_cannot_patch_are_refused_at_load(extra, message):
+    with pytest.raises(UserError, match=message):
+        load_spec(REPO / "jobs" / "tiny-local.yaml", ["k8s.runtime_ref=torch-distributed", *extra])
+
+
 def test_qlora_under_trainer_v2_is_one_node_and_unqueued_without_a_queue():
     spec = example("qlora-1node")
     train_job = by_component(k8s.render(spec, ["train"]))["train"]
