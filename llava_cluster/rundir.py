@@ -39,8 +39,10 @@ STALE_AFTER_SECONDS = 600.0  # no heartbeat for this long: the stage's process i
 
 
 def global_rank() -> int:
-    """Global rank from the launcher's environment (torchrun, SLURM srun), 0 when not distributed."""
-    for var in ("RANK", "SLURM_PROCID"):
+    """Global rank from the launcher's environment (torchrun, SLURM srun), 0 when not distributed. A
+    Kubeflow node parent has a node rank instead (RANK in a PyTorchJob, PET_NODE_RANK in a TrainJob):
+    node 0 hosts global rank 0."""
+    for var in ("RANK", "SLURM_PROCID", "PET_NODE_RANK"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0

@@ -36,3 +36,19 @@ def test_pet_variables_without_a_master_address_are_a_user_error():
     env = {k: v for k, v in TRAINER_V2.items() if k != "PET_MASTER_ADDR"}
     with pytest.raises(UserError, match="PET_MASTER_ADDR"):
         node_launch(8, env)
+
+
+def test_the_node_parent_of_a_trainjobs_second_node_is_not_rank_0(monkeypatch):
+    """Trainer v2 gives the node parent no RANK: its node rank decides who writes shared files
+    (spec.yaml, the stage's failure record) before torchrun starts the ranks."""
+    from llava_cluster.rundir import global_rank, is_rank0
+
+    for key in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in TRAINER_V2.items():
+        monkeypatch.setenv(key, value)
+    assert global_rank() != 0 and not is_rank0()
+    monkeypatch.setenv("PET_NODE_RANK", "0")
+    assert is_rank0()
+    monkeypatch.setenv("RANK", "5")  # a torchrun child of node 0: its own rank counts
+    assert global_rank() == 5
