@@ -36,12 +36,16 @@ def is_disk_full(err: BaseException, storage: Path) -> bool:
         if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if isinstance(current, RuntimeError) and any(s in str(current) for s in TORCH_WRITE_FAILURES):
-            try:
-                return shutil.disk_usage(_existing(storage)).free < NEARLY_FULL
-            except OSError:
-                return False
+            return is_nearly_full(storage)
         current = current.__cause__ or current.__context__
     return False
+
+
+def is_nearly_full(storage: Path) -> bool:
+    try:
+        return shutil.disk_usage(_existing(storage)).free < NEARLY_FULL
+    except OSError:
+        return False
 
 
 def _size(folder: Path) -> int:

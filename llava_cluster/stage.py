@@ -141,7 +141,12 @@ def _run_ranks_under_torchrun(run: RunDir, stage: str, launch: object) -> int:
     state = run.read_state(stage)
     if result not in RECORDED_EXITS.values() and is_rank0() and getattr(launch, "node_rank", 0) == 0 \
             and (state.status == "running" or state.attempts == before):
-        record(run.mark_done, stage, error=f"ranks exited with code {code} before recording a result")
+        from llava_cluster.diskfull import is_nearly_full
+
+        if is_nearly_full(run.root):  # another rank hit it and stays quiet: rank 0 was killed before saying it
+            _say_disk_full(run, stage)
+        else:
+            record(run.mark_done, stage, error=f"ranks exited with code {code} before recording a result")
     return result
 
 
@@ -231,21 +236,26 @@ def run_stage(stage: str, run_dir: Path, spec_file: Path | None = None) -> int:
 
 
 def _disk_full(run: RunDir, stage: str, handler: logging.Handler | None) -> int:
-    """One message, no traceback; the half-written checkpoint (never resumed from) goes first, so that
-    the failure itself can be recorded."""
+    """One message, from rank 0 (or the node parent, when rank 0 was killed first), no traceback."""
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+    if is_rank0():
+        _say_disk_full(run, stage)
+    return FAILED_EXIT
+
+
+def _say_disk_full(run: RunDir, stage: str) -> None:
+    """The half-written checkpoint (never resumed from) goes first, so that the failure can be recorded."""
     from llava_cluster.console import print_message
     from llava_cluster.diskfull import disk_full_message
 
-    if handler is not None:
-        logging.getLogger().removeHandler(handler)
-    if stage == "train" and is_rank0():
+    if stage == "train":
         from llava_cluster.train.run import drop_incomplete_checkpoints
 
         drop_incomplete_checkpoints(run)
     message = disk_full_message(run.root, run.last_checkpoint() if stage == "train" else None)
     print_message("error", "bold red", message)
     record(run.mark_done, stage, error=message)
-    return FAILED_EXIT
 
 
 def register(parser: argparse.ArgumentParser) -> None:

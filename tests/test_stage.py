@@ -120,15 +120,17 @@ def small_disk(tmp_path):
 
 @pytest.mark.slow
 def test_a_full_disk_is_one_message_a_recorded_failure_and_nothing_marked_complete(small_disk, tmp_path, tiny_dir):
+    """Two ranks under torchrun: one message (rank 0's), torchrun's one line, no traceback from anyone."""
     from test_train import freeze, stage, write_spec
 
-    spec = write_spec(tmp_path, tiny_dir, "full", storage=str(small_disk), resources__gpus_per_node=1,
+    spec = write_spec(tmp_path, tiny_dir, "full", storage=str(small_disk), resources__gpus_per_node=2,
                       optim__max_steps=2, training__save_steps=2, data__eval=None)
     run = RunDir(freeze(spec))
     proc = stage("train", run.root)
     assert proc.returncode == 1, proc.stderr[-4000:]
     err = " ".join(proc.stderr.split())
     assert "Traceback" not in proc.stderr and "iostream error" not in proc.stderr, proc.stderr[-4000:]
+    assert "torchrun: 2 rank(s) failed" in proc.stderr or "torchrun: 1 rank(s) failed" in proc.stderr
     assert err.count("no space left on the storage of") == 1 and str(small_disk) in err
     state = run.read_state("train")
     assert state.status == "failed" and state.error.startswith("no space left on the storage of")

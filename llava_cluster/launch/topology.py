@@ -110,7 +110,7 @@ def node_launch(gpus_per_node: int, env: dict[str, str] | None = None) -> NodeLa
 
 def torchrun_argv(launch: NodeLaunch, stage_argv: list[str]) -> list[str]:
     """torchrun with a static rendezvous on the master; every rank then runs `stage_argv`."""
-    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={launch.nproc_per_node}"]
+    argv = [sys.executable, "-m", "llava_cluster.launch.torchrun", f"--nproc-per-node={launch.nproc_per_node}"]
     if launch.nnodes == 1 and not launch.master_port:
         argv.append("--standalone")  # this machine alone: torchrun picks a free port
     else:
