@@ -131,9 +131,8 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
         return result
 
     from peft import PeftModel
-    from transformers import LlavaForConditionalGeneration
 
-    from llava_cluster.model.load import load_llava, load_processor
+    from llava_cluster.model.load import load_llava, load_processor, model_family
     from llava_cluster.probe import probe_inputs
 
     processor = load_processor(base)
@@ -153,7 +152,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
         processor.save_pretrained(tmp)
         if verify:
             del merged, model  # the reference logits are kept; the models are not needed any more
-            reloaded = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=torch_dtype(dtype)).eval()
+            reloaded = model_family(base).model_cls().from_pretrained(tmp, dtype=torch_dtype(dtype)).eval()
             reloaded.to(result.device)
             diff = (_logits(reloaded, batch) - reference)
             result.verification = "logits"
@@ -198,7 +197,14 @@ def _report(result: MergeResult) -> None:
 
 
 def merge_stage(spec: RunSpec, run: RunDir) -> int:
-    result = merge_adapter(run.final_dir, run.merged_dir, base=spec.model.base, into=spec.merge.into,
+    adapter = run.final_dir
+    if spec.merge.checkpoint == "best":
+        from llava_cluster.validate import score_checkpoints
+
+        best = score_checkpoints(spec, run, "all")["best"]
+        err_console.print(f"merging the best checkpoint: step {best['step']} (lowest eval loss)", highlight=False)
+        adapter = Path(best["path"])
+    result = merge_adapter(adapter, run.merged_dir, base=spec.model.base, into=spec.merge.into,
                            dtype=spec.merge.dtype, verify=spec.merge.verify)
     _report(result)
     return 0

@@ -54,6 +54,51 @@ def loss_curve_png(metrics_log: Path) -> bytes | None:
     return buf.getvalue()
 
 
+def checkpoints_png(rows: list[dict[str, Any]]) -> bytes | None:
+    """Held-out eval loss and exact match of each scored checkpoint against its step."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
+    ax.plot(steps, [r["eval_loss"] for r in rows], marker="o", color="tab:orange", label="held-out eval loss")
+    ax.set_xlabel("checkpoint step")
+    ax.set_ylabel("eval loss")
+    ax.grid(alpha=0.3)
+    right = ax.twinx()
+    right.plot(steps, [r["exact_match"] for r in rows], marker="s", color="tab:green", label="exact match")
+    right.set_ylabel("exact match")
+    right.set_ylim(0, 1)
+    fig.legend(loc="upper center", ncol=2, fontsize="small")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _checkpoints(metrics: dict[str, Any]) -> str:
+    rows = metrics.get("checkpoints")
+    if not rows:
+        return ""
+    best = metrics["best_checkpoint"]["step"]
+    plot = checkpoints_png(rows)
+    out = ["<h2>Checkpoints</h2>"]
+    if plot:
+        out.append(f'<img alt="checkpoint scores" src="data:image/png;base64,{base64.b64encode(plot).decode()}">')
+    out.append("<table><tr><th>step</th><th>eval loss</th><th>exact match</th><th>token F1</th></tr>")
+    for r in rows:
+        mark = " <b>best</b>" if r["step"] == best else ""
+        out.append(f"<tr><td>{r['step']}{mark}</td><td>{r['eval_loss']:.3f}</td><td>{r['exact_match']:.1%}</td>"
+                   f"<td>{r['token_f1']:.3f}</td></tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
 def _thumbnail(images: ImageFolder | None, rel: str | None) -> str:
     if not rel:
         return "<em>text only</em>"
@@ -183,6 +228,7 @@ template <code>{html.escape(str(metrics.get('template')))}</code>, {metrics['sam
 {_groups(metrics)}
 <h2>Training loss</h2>
 {curve_html}
+{_checkpoints(metrics)}
 <h2>Samples{f" (first {MAX_ROWS})" if len(rows) > MAX_ROWS else ""}</h2>
 {filters}
 <table id="samples"><tr>{head}</tr>

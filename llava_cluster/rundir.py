@@ -172,6 +172,7 @@ class RunDir:
     merged_dir = property(lambda self: self.root / "merged")
     validate_dir = property(lambda self: self.root / "validate")
     logs_dir = property(lambda self: self.root / "logs")
+    checkpoint_scores = property(lambda self: self.root / "train" / "checkpoint_scores.json")  # and the best one
 
     def log_path(self, stage: str) -> Path:
         return self.logs_dir / f"{stage}.log"

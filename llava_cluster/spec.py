@@ -348,6 +348,8 @@ class MergeSpec(_Section):
     into: Literal["base", "dequantized"] = "base"
     verify: bool = True
     dtype: Literal["bf16", "fp16", "fp32"] | None = Field(None, description="merged weights (default: the base's)")
+    checkpoint: Literal["final", "best"] = Field(
+        "final", description="merge train/final, or the checkpoint with the lowest held-out eval loss")
 
 
 class ValidationSpec(_Section):
@@ -355,6 +357,8 @@ class ValidationSpec(_Section):
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(64, ge=1)
     compare_base: bool = True
+    checkpoints: Literal["final", "last", "all"] = Field(
+        "final", description="also score the last, or every, complete checkpoint (base + adapter) on data.eval")
 
 
 class RunSpec(_Section):

@@ -9,6 +9,7 @@ import json
 import re
 import string
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,12 +189,37 @@ def _load(kind: str, model_dir: Path, base: str | None) -> tuple[Any, Any]:
     return (model.to("cuda") if on_gpu else model), load_processor(weights)
 
 
+@dataclass
+class Scored:
+    """One model's answers and scores on the held-out samples."""
+
+    samples: list[dict[str, Any]]
+    answers: list[str]
+    per_sample: dict[str, list[float]]
+    means: dict[str, float]  # exact_match, token_f1, eval_loss
+
+
+def score(how: str, path: Path, base_path: str | None, data: Path, image_folder: Path | None, template: str,
+          aspect: str, max_length: int, max_samples: int | None, batch_size: int, max_new_tokens: int,
+          label: str) -> Scored:
+    """Load one model (merged checkpoint or base + adapter), generate, score and compute the eval loss."""
+    model, processor = _load(how, path, base_path)
+    ev = Evaluator(model, processor, data, image_folder, template, aspect, max_length)
+    indices = select_indices(ev.dataset, max_samples)
+    samples = [ev.dataset.record(i) for i in indices]
+    err_console.print(f"validating {label}: {path} on {len(indices)} samples")
+    answers = ev.generate(indices, batch_size, max_new_tokens)
+    per_sample = sample_scores(answers, [s["conversations"][-1]["value"] for s in samples])
+    return Scored(samples, answers, per_sample, {**_means(per_sample), "eval_loss": ev.eval_loss(indices, batch_size)})
+
+
 def validate(model_dir: Path, data: Path, image_folder: Path | None, out_dir: Path, base: Path | None = None,
              template: str | None = None, max_samples: int | None = 200, batch_size: int = 8,
              max_new_tokens: int = 64, compare_base: bool = True, max_length: int = 2048,
              aspect: str | None = None, metrics_log: Path | None = None,
-             provenance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Score the model (and the base) on `data`; `provenance` adds what the caller knows (e.g. the spec)."""
+             provenance: dict[str, Any] | None = None, checkpoints: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score the model (and the base) on `data`; `provenance` adds what the caller knows (e.g. the spec),
+    `checkpoints` the scores of the run's checkpoints (score_checkpoints) for the report."""
     from llava_cluster.provenance import environment, training_summary
     from llava_cluster.report import write_report
     from llava_cluster.validate_stats import compare, grouped
@@ -204,29 +230,24 @@ def validate(model_dir: Path, data: Path, image_folder: Path | None, out_dir: Pa
     if not Path(data).is_file():
         raise UserError(f"validation data not found: {data}")
     _check_images_reachable(Path(data), image_folder, max_samples)
-    results: dict[str, dict[str, Any]] = {}
-    answers: dict[str, list[str]] = {}
     contenders = [("finetuned", kind, Path(model_dir))]
     if compare_base and base_path:
         contenders.append(("base", "merged", Path(base_path)))
-    samples: list[dict[str, Any]] = []
-    per_sample: dict[str, dict[str, list[float]]] = {}
-    for label, how, path in contenders:
-        model, processor = _load(how, path, base_path)
-        ev = Evaluator(model, processor, Path(data), image_folder, template, aspect, max_length)
-        indices = select_indices(ev.dataset, max_samples)
-        samples = [ev.dataset.record(i) for i in indices]
-        err_console.print(f"validating {label}: {path} on {len(indices)} samples")
-        answers[label] = ev.generate(indices, batch_size, max_new_tokens)
-        references = [s["conversations"][-1]["value"] for s in samples]
-        per_sample[label] = sample_scores(answers[label], references)
-        results[label] = {**_means(per_sample[label]), "eval_loss": ev.eval_loss(indices, batch_size)}
-        del model, ev
+    scored = {label: score(how, path, base_path, Path(data), image_folder, template, aspect, max_length,
+                           max_samples, batch_size, max_new_tokens, label)
+              for label, how, path in contenders}
+    samples = scored["finetuned"].samples
+    references = [s["conversations"][-1]["value"] for s in samples]
+    answers = {label: sc.answers for label, sc in scored.items()}
+    per_sample = {label: sc.per_sample for label, sc in scored.items()}
+    results = {label: sc.means for label, sc in scored.items()}
 
     metrics = {"samples": len(samples), "template": template, "model": str(model_dir), "base_model": base_path,
                **results, "groups": grouped(samples, per_sample)}
     if "base" in per_sample:
         metrics["comparison"] = compare(per_sample["base"], per_sample["finetuned"])
+    if checkpoints:
+        metrics["checkpoints"], metrics["best_checkpoint"] = checkpoints["checkpoints"], checkpoints["best"]
     metrics["provenance"] = {
         **environment(), "model_kind": kind, "adapter_step": meta.get("step"), "spec_digest": meta.get("spec_digest"),
         "method": meta.get("method"), "template": template,
@@ -273,17 +294,50 @@ def print_metrics(metrics: dict[str, Any], out_dir: Path) -> None:
     console.print(f"report: {out_dir / 'report.html'}")
 
 
+def score_checkpoints(spec: RunSpec, run: RunDir, which: str) -> dict[str, Any]:
+    """Score the last (`which` "last") or every ("all") complete checkpoint as base + adapter on data.eval.
+
+    The scores and the best checkpoint (lowest eval loss, then highest exact match) are written to
+    train/checkpoint_scores.json; a later call that needs no other checkpoint reuses them, so the merge
+    stage (`merge.checkpoint: best`) and the validate stage score each checkpoint once.
+    """
+    if not spec.data.eval:
+        raise UserError("scoring checkpoints needs held-out samples: set data.eval")
+    complete = run.checkpoints()
+    chosen = complete if which == "all" else complete[-1:]
+    if not chosen:
+        raise UserError(f"{run.train_dir} holds no complete checkpoint to score (training.save_steps "
+                        f"{spec.training.save_steps} may exceed the run's steps)")
+    if run.checkpoint_scores.is_file():
+        saved = json.loads(run.checkpoint_scores.read_text())
+        if {str(c) for c in chosen} <= {row["path"] for row in saved["checkpoints"]}:
+            return saved
+    v, folder = spec.validation, Path(spec.data.image_folder) if spec.data.image_folder else None
+    rows = []
+    for ckpt in chosen:
+        scored = score("adapter", ckpt, spec.model.base, Path(spec.data.eval), folder, spec.model.template,
+                       spec.data.image_aspect_ratio, spec.data.max_length, v.max_samples, v.batch_size,
+                       v.max_new_tokens, ckpt.name)
+        rows.append({"step": int(ckpt.name.removeprefix("checkpoint-")), "path": str(ckpt), **scored.means})
+    best = min(rows, key=lambda r: (r["eval_loss"], -r["exact_match"]))
+    result = {"checkpoints": rows, "best": {"step": best["step"], "path": best["path"], "by": "eval_loss"}}
+    atomic_write_json(run.checkpoint_scores, result)
+    return result
+
+
 def validate_stage(spec: RunSpec, run: RunDir) -> int:
     if not spec.data.eval:
         raise UserError("data.eval is not set in the spec: validation needs held-out samples")
     model_dir = run.merged_dir if run.merged_dir.is_dir() else run.final_dir
     v = spec.validation
+    checkpoints = score_checkpoints(spec, run, v.checkpoints) if v.checkpoints != "final" else None
     metrics = validate(model_dir, Path(spec.data.eval), Path(spec.data.image_folder) if spec.data.image_folder else None,
                        run.validate_dir, base=Path(spec.model.base), template=spec.model.template,
                        max_samples=v.max_samples, batch_size=v.batch_size, max_new_tokens=v.max_new_tokens,
                        compare_base=v.compare_base, max_length=spec.data.max_length,
                        aspect=spec.data.image_aspect_ratio, metrics_log=run.logs_dir / "train_metrics.jsonl",
-                       provenance={"run": spec.name, "spec_digest": spec.digest(), "spec": spec.to_dict()})
+                       provenance={"run": spec.name, "spec_digest": spec.digest(), "spec": spec.to_dict()},
+                       checkpoints=checkpoints)
     print_metrics(metrics, run.validate_dir)
     return 0
 
