@@ -26,7 +26,6 @@ SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
 CRDS = {"PyTorchJob": (SCHEMAS / "kubeflow.org_pytorchjobs.yaml", "v1"),
         "TrainJob": (SCHEMAS / "trainer-v2" / "trainer.kubeflow.org_trainjobs.yaml", "v1alpha1"),
         "TrainingRuntime": (SCHEMAS / "trainer-v2" / "trainer.kubeflow.org_trainingruntimes.yaml", "v1alpha1")}
-CRD = CRDS["PyTorchJob"][0]
 K8S_VERSION = "1.31"  # the API level of the PyTorchJob CRD we validate against
 WORKLOADS = ("PyTorchJob", "TrainJob", "Job")  # the kinds that run pods
 DNS_1035 = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
