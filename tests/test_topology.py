@@ -52,3 +52,10 @@ def test_the_node_parent_of_a_trainjobs_second_node_is_not_rank_0(monkeypatch):
     assert is_rank0()
     monkeypatch.setenv("RANK", "5")  # a torchrun child of node 0: its own rank counts
     assert global_rank() == 5
+
+
+def test_a_one_node_trainjob_rendezvouses_on_loopback():
+    """QLoRA under Trainer v2: one node whose PET_MASTER_ADDR is the pod's own DNS name."""
+    launch = node_launch(4, {**TRAINER_V2, "PET_NNODES": "1", "PET_NODE_RANK": "0"})
+    argv = torchrun_argv(launch, ["stage", "train"])
+    assert "--standalone" in argv and not any(a.startswith("--master-addr") for a in argv)

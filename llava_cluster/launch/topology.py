@@ -111,8 +111,10 @@ def node_launch(gpus_per_node: int, env: dict[str, str] | None = None) -> NodeLa
 def torchrun_argv(launch: NodeLaunch, stage_argv: list[str]) -> list[str]:
     """torchrun with a static rendezvous on the master; every rank then runs `stage_argv`."""
     argv = [sys.executable, "-m", "llava_cluster.launch.torchrun", f"--nproc-per-node={launch.nproc_per_node}"]
-    if launch.nnodes == 1 and not launch.master_port:
-        argv.append("--standalone")  # this machine alone: torchrun picks a free port
+    if launch.nnodes == 1:
+        # one node: a rendezvous on loopback and a free port, whatever master the launcher named (a
+        # one-node TrainJob's PET_MASTER_ADDR is the pod's own DNS name, not resolvable at once)
+        argv.append("--standalone")
     else:
         argv += [f"--nnodes={launch.nnodes}", f"--node-rank={launch.node_rank}",
                  f"--master-addr={launch.master_addr}", f"--master-port={launch.master_port}"]
