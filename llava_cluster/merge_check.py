@@ -7,7 +7,8 @@ of the output is checked on its own against the base and the adapter:
   LoRA target weight   a fixed random probe x goes through it: x @ Mᵀ against x @ Wᵀ + ((x @ Aᵀ) @ Bᵀ)·s,
                        computed in fp32 in the other order from the merge's (B @ A first), so a wrong
                        scaling, a missed or doubled delta, or a swapped pair shows up
-  projector tensor     equal to the trained projector, cast to the output dtype
+  projector tensor     equal to the trained projector (all non-LoRA trainables of the family, e.g.
+                       LLaVA-NeXT's image_newline too), cast to the output dtype
   any other tensor     equal to the base tensor, cast to the output dtype (bitwise)
 
 The relative error of the probe outputs must stay under the merge tolerance of the output dtype.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_cluster.merge_streaming import ADAPTER_WEIGHTS, Adapter, memory_name, read_tensor, shard_files
+from llava_cluster.model.load import model_family
 
 PROBE_ROWS = 8
 
@@ -37,6 +39,7 @@ def verify_streamed(base: Path, adapter: Path, out: Path, tolerance: float, seed
     import torch
     from safetensors import safe_open
 
+    family = model_family(base)
     lora = Adapter(adapter)
     projector: set[str] = set()
     if lora.projector_path:
@@ -52,7 +55,7 @@ def verify_streamed(base: Path, adapter: Path, out: Path, tolerance: float, seed
                 result.mismatch = f"{key}: in the merged checkpoint but not in the base"
                 return result
             reference = read_tensor(base / base_shard[key], key).to(merged.dtype)
-            name = memory_name(key)
+            name = memory_name(key, family)
             module = name.removesuffix(".weight")
             result.checked += 1
             if name in projector:

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_cluster.errors import UserError
+from llava_cluster.model.family import FAMILIES, Family
+from llava_cluster.model.load import model_family
 from llava_cluster.rundir import atomic_dir
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -40,23 +42,9 @@ SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF1
 # Files of a checkpoint folder that are weights (rewritten) rather than config/tokenizer (copied).
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|h5|msgpack)$|.*\.index\.json$")
 
-# On-disk key prefixes (transformers writes LLaVA in its older layout) -> in-memory module names.
-_DISK_TO_MEMORY = (
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("language_model.", "model.language_model."),
-    ("vision_tower.vision_model.", "model.vision_tower."),
-    ("vision_tower.", "model.vision_tower."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-)
-
-
-def memory_name(disk_key: str) -> str:
-    """The in-memory `LlavaForConditionalGeneration` name of a checkpoint key, in either layout."""
-    for old, new in _DISK_TO_MEMORY:
-        if disk_key.startswith(old):
-            return new + disk_key[len(old):]
-    return disk_key
+def memory_name(disk_key: str, family: Family = FAMILIES["llava"]) -> str:
+    """The in-memory name (in the family's model class) of a checkpoint key, in either layout."""
+    return family.memory_name(disk_key)
 
 
 def shard_files(base: Path) -> dict[str, list[str]]:
@@ -216,14 +204,14 @@ def write_safetensors(path: Path, plan: list[tuple[str, Any, list[int]]], tensor
         os.fsync(fh.fileno())
 
 
-def _memory_names_of(base: Path) -> set[str]:
+def _memory_names_of(base: Path, family: Family) -> set[str]:
     """Parameter and buffer names of the model the base config describes (built on the meta device)."""
     import torch
-    from transformers import AutoConfig, LlavaForConditionalGeneration
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base)
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration._from_config(config)
+        model = family.model_cls()._from_config(config)
     return set(model.state_dict().keys())
 
 
@@ -250,14 +238,15 @@ def streaming_merge(
         with safe_open(lora.projector_path, "pt") as fh:
             projector_keys = set(fh.keys())
     shards = shard_files(base)
-    known = _memory_names_of(base)
+    family = model_family(base)
+    known = _memory_names_of(base, family)
 
     disk_of: dict[str, str] = {}
     for keys in shards.values():
         for key in keys:
-            name = memory_name(key)
+            name = memory_name(key, family)
             if name not in known:
-                raise UserError(f"{base}: tensor {key!r} does not belong to a LlavaForConditionalGeneration")
+                raise UserError(f"{base}: tensor {key!r} does not belong to a {family.model_class}")
             disk_of[name] = key
     missing = [m for m in lora.pairs if f"{m}.weight" not in disk_of]
     missing += [k for k in projector_keys if k not in disk_of]
@@ -271,7 +260,7 @@ def streaming_merge(
         t = read_tensor(path, key)
         if target is not None and t.is_floating_point():
             t = t.to(target)
-        name = memory_name(key)
+        name = memory_name(key, family)
         if name in projector_keys:
             return read_tensor(lora.projector_path, name).to(t.dtype)
         module = name.removesuffix(".weight")

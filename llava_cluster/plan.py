@@ -68,6 +68,7 @@ class ModelShape:
     vision_intermediate: int
     image_size: int
     patch_size: int
+    image_tiles: int = 1  # vision-tower passes per image: any-resolution's most tiles + the base image
 
     @property
     def image_tokens(self) -> int:
@@ -99,8 +100,23 @@ def _llama(layers: int, hidden: int, intermediate: int, heads: int) -> ModelShap
                       24, 1024, 4096, 336, 14)
 
 
-# LLaVA-1.5: Llama-2 7B/13B (vocabulary padded to 32064) + CLIP ViT-L/14 at 336 px.
-PRESETS = {"7b": _llama(32, 4096, 11008, 32), "13b": _llama(40, 5120, 13824, 40)}
+def anyres_tiles(config: dict[str, Any]) -> int:
+    """Most tiles of one image: 1 (fixed-size families), else the base image + the largest grid of
+    `image_grid_pinpoints` in units of the vision tower's input side."""
+    from llava_cluster.model.family import family_of
+
+    if not family_of(config).anyres:
+        return 1
+    side = config["vision_config"]["image_size"]
+    pinpoints = config.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    return 1 + max((h // side) * (w // side) for h, w in pinpoints)
+
+
+# LLaVA-1.5: Llama-2 7B/13B (vocabulary padded to 32064) + CLIP ViT-L/14 at 336 px. LLaVA-NeXT
+# (llava-v1.6-mistral-7b-hf): Mistral-7B (GQA, 8 KV heads) + the same tower, up to 4 tiles + base.
+PRESETS = {"7b": _llama(32, 4096, 11008, 32), "13b": _llama(40, 5120, 13824, 40),
+           "next-mistral-7b": replace(_llama(32, 4096, 14336, 32), kv_heads=8, image_tiles=5),
+           "next-vicuna-13b": replace(_llama(40, 5120, 13824, 40), image_tiles=5)}
 
 
 def shape_from_config(config: dict[str, Any]) -> ModelShape:
@@ -115,7 +131,7 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
         tied=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
         vision_layers=vision["num_hidden_layers"], vision_hidden=vision["hidden_size"],
         vision_intermediate=vision["intermediate_size"], image_size=vision["image_size"],
-        patch_size=vision["patch_size"],
+        patch_size=vision["patch_size"], image_tiles=anyres_tiles(config),
     )
 
 
@@ -215,7 +231,7 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     # LoRA: 16-bit logits, their fp32 copy for the loss, its gradient. QLoRA's fp32 lm_head: fp32
     # logits, their log-softmax, its gradient.
     logits_per_token = shape.vocab * ((4 + 4 + 4) if qlora else (act + 4 + 4))
-    images = setup.batch * shape.image_tokens * (shape.vision_hidden + 2 * shape.hidden) * act
+    images = setup.batch * shape.image_tiles * shape.image_tokens * (shape.vision_hidden + 2 * shape.hidden) * act
     if setup.checkpointing:
         # kept: each layer's input. Transient: first the logits, later one recomputed layer with the
         # gradients flowing through it (about half its size again) while the LoRA gradients fill in.

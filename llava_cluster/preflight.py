@@ -20,10 +20,11 @@ import itertools
 from pathlib import Path
 
 from llava_cluster.errors import UserError
+from llava_cluster.model.family import FAMILIES
 from llava_cluster.spec import RunSpec
 
-# model_type -> the architecture llava-cluster trains; the only bases the product accepts.
-SUPPORTED_MODELS = {"llava": "LlavaForConditionalGeneration"}
+# model_type -> the architecture llava-cluster trains; the only bases the product accepts (model/family.py).
+SUPPORTED_MODELS = {t: f.model_class for t, f in FAMILIES.items()}
 IMAGES_CHECKED = 16  # first image paths of each data file that must resolve before a job is queued
 
 

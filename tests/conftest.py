@@ -23,3 +23,12 @@ def llava_hf_dir(tmp_path_factory):
     from llava_hf_fixture import build_llava_hf
 
     return build_llava_hf(tmp_path_factory.mktemp("llava-hf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_next_dir(tmp_path_factory):
+    """TinyPaths of a tiny LLaVA-NeXT (llava_next, Mistral text model, anyres tiles); some images
+    re-saved at wide and tall aspect ratios so their tile counts differ."""
+    from llava_next_fixture import build_tiny_next
+
+    return build_tiny_next(tmp_path_factory.mktemp("tiny-next"))

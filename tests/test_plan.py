@@ -132,3 +132,11 @@ def test_cli_plan_reads_the_base_config(tiny_dir, tmp_path, capsys):
     assert main(["plan", str(spec), "-o", "optim.per_device_batch=4"]) == 0
     out = capsys.readouterr().out
     assert "fits" in out and "largest per-device batch" in out
+
+
+def test_llava_next_shape_counts_its_anyres_tiles(tiny_next_dir, tiny_dir):
+    """v1.6's five pinpoints: at most a 2x2 (or 3x1) grid + the base image = 5 tower passes per image."""
+    shape = shape_from_config(json.loads((tiny_next_dir.model / "config.json").read_text()))
+    assert shape.image_tiles == 5 and shape.kv_heads == 1
+    assert shape_from_config(json.loads((tiny_dir.model / "config.json").read_text())).image_tiles == 1
+    assert PRESETS["next-mistral-7b"].image_tiles == 5 and PRESETS["next-mistral-7b"].kv_heads == 8

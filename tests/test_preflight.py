@@ -53,16 +53,25 @@ def test_missing_inputs_are_named_all_at_once(tmp_path, tiny_dir):
     assert "does not exist" in found[0] and "not found" in found[1] and "not found" in found[2]
 
 
-def test_llava_next_base_is_refused_by_submit_dry_run_and_plan(tmp_path, tiny_dir, capsys):
-    base = model_copy(tmp_path, tiny_dir, model_type="llava_next",
-                      architectures=["LlavaNextForConditionalGeneration"])
+def test_llava_next_base_is_accepted_by_submit_dry_run_and_plan(tmp_path, tiny_dir, tiny_next_dir, capsys):
+    path = write_spec(tmp_path, tiny_dir, model={"base": str(tiny_next_dir.model), "template": "mistral_instruct"})
+    assert problems(load_spec(path)) == []
+    assert main(["submit", str(path), "--dry-run"]) == 0
+    assert main(["plan", str(path)]) == 0
+
+
+def test_an_unsupported_llava_family_is_refused_with_the_exact_list(tmp_path, tiny_dir, capsys):
+    base = model_copy(tmp_path, tiny_dir, model_type="llava_onevision",
+                      architectures=["LlavaOnevisionForConditionalGeneration"])
     path = write_spec(tmp_path, tiny_dir, model={"base": str(base)})
     assert main(["submit", str(path), "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert "model.base" in err and "'llava_next'" in err and "LlavaForConditionalGeneration" in err
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("'llava_onevision' model, not a LLaVA one llava-cluster fine-tunes: supported are "
+            "LlavaForConditionalGeneration (model_type 'llava'), LlavaNextForConditionalGeneration "
+            "(model_type 'llava_next')") in err
     assert main(["submit", str(path), "--backend", "slurm", "--dry-run"]) == 2
     assert main(["plan", str(path)]) == 2
-    assert "'llava_next'" in capsys.readouterr().err
+    assert "'llava_onevision'" in capsys.readouterr().err
     assert not (tmp_path / "storage").exists(), "a refused submit must write nothing"
 
 

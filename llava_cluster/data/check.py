@@ -97,25 +97,32 @@ class ImageChecker:
 class TokenChecker:
     """Encode structurally valid samples exactly as training will and flag what truncation would cut."""
 
-    def __init__(self, model: str | Path, max_length: int, template: str) -> None:
+    def __init__(self, model: str | Path, max_length: int, template: str | None,
+                 image_folder: str | Path | None = None) -> None:
         from llava_cluster.data.encode import encode_sample
         from llava_cluster.data.templates import get_template
-        from llava_cluster.model.load import image_seq_length, load_processor
+        from llava_cluster.model.load import image_tokens, load_processor, template_for
 
-        self.template = get_template(template)
         if not Path(model).exists():
             raise UserError(f"model folder not found: {model}", 2)
+        template = template_for(model, template)
+        self.template = get_template(template)
         processor = load_processor(model)
         self.tokenizer = processor.tokenizer
-        self.image_tokens = image_seq_length(processor)
+        # Any-resolution families: each image's count from its header (the folder is checked on its own).
+        self.counter = image_tokens(processor, model)
+        self.folder = ImageFolder(image_folder) if image_folder is not None and Path(image_folder).is_dir() else None
+        self.image_tokens = self.counter.square
         self.encode = encode_sample
         self.max_length = max_length
         self.over_limit = self.no_labels = self.lost_tokens = self.longest = 0
         self.summary: dict[str, Any] = {"max_length": max_length, "template": template,
-                                        "image_seq_length": self.image_tokens}
+                                        "image_seq_length": self.image_tokens,
+                                        "image_tokens_per_image": self.counter.anyres}
 
     def check(self, index: int, sample: dict[str, Any]) -> Defect | None:
-        enc = self.encode(sample, self.tokenizer, self.template, self.image_tokens, self.max_length)
+        image = self.counter.for_sample(sample, self.folder) if sample.get("image") else 0
+        enc = self.encode(sample, self.tokenizer, self.template, image, self.max_length)
         self.longest = max(self.longest, enc.full_length)
         if enc.full_length <= self.max_length:
             return None
@@ -125,10 +132,10 @@ class TokenChecker:
         if all(label == -100 for label in enc.labels):
             self.no_labels += 1
             return Defect(index, sid, "conversations[0:2]", "first_round_too_long",
-                          f"{enc.full_length} tokens (image = {self.image_tokens}); the first round alone exceeds "
+                          f"{enc.full_length} tokens (image = {image}); the first round alone exceeds "
                           f"--max-length {self.max_length}, so the sample is kept without labels or image")
         return Defect(index, sid, "conversations", "too_long",
-                      f"{enc.full_length} tokens (image = {self.image_tokens}) > --max-length {self.max_length}: "
+                      f"{enc.full_length} tokens (image = {image}) > --max-length {self.max_length}: "
                       f"truncation drops {enc.lost_tokens} tokens ({enc.dropped_rounds} round(s))")
 
     def finish(self) -> dict[str, Any]:
@@ -141,7 +148,7 @@ def check_file(
     image_folder: str | Path | None = None,
     model: str | Path | None = None,
     max_length: int = DEFAULT_MAX_LENGTH,
-    template: str = "vicuna_v1",
+    template: str | None = None,
     progress: bool = False,
     workers: int = 1,
 ) -> CheckReport:
@@ -149,7 +156,7 @@ def check_file(
     `workers` > 1 checks images in that many threads."""
     reader = SampleReader(path)
     images = ImageChecker(image_folder, workers) if image_folder is not None else None
-    tokens = TokenChecker(model, max_length, template) if model is not None else None
+    tokens = TokenChecker(model, max_length, template, image_folder) if model is not None else None
     report = CheckReport(str(path), str(image_folder) if image_folder is not None else None)
     first_seen: dict[str, int] = {}
     # Samples wait here, in order, until their image check is done: defects stay in sample order and

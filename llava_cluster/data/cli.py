@@ -103,8 +103,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", metavar="DATA", help="LLaVA data file: .json (a list) or .jsonl (one sample a line)")
     p.add_argument("--image-folder", metavar="DIR", help="folder the `image` paths are relative to")
     p.add_argument("--model", metavar="MODEL_DIR", help="HF LLaVA model folder, for token lengths")
-    p.add_argument("--template", default="vicuna_v1", choices=sorted(TEMPLATES),
-                   help="conversation template used for token counts (default vicuna_v1)")
+    p.add_argument("--template", default=None, choices=sorted(TEMPLATES),
+                   help="conversation template used for token counts (default: the model family's, "
+                        "vicuna_v1 for LLaVA-1.5, mistral_instruct for LLaVA-NeXT on Mistral)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 

@@ -2,7 +2,10 @@
 
 `LlavaForConditionalGeneration` pairs image-token runs in `input_ids` with `pixel_values` rows in
 order, so `pixel_values` holds exactly the image samples of the batch, in batch order, and is absent
-when the batch is text-only (the model then skips the vision tower).
+when the batch is text-only (the model then skips the vision tower). Any-resolution families
+(LLaVA-NeXT) give each image its own number of tiles: `pixel_values` is then (images, most tiles, 3, H, W),
+zero tiles at the tail of the shorter ones, and `image_sizes` (images, 2) tells the model how many
+tiles of each row are real (`image_size_to_num_patches`), so the padding is never looked at.
 """
 
 from __future__ import annotations
@@ -10,6 +13,23 @@ from __future__ import annotations
 from typing import Any
 
 from llava_cluster.data.encode import IGNORE_INDEX
+
+
+def image_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """pixel_values (and image_sizes) of the items that have an image, in order; {} when none has."""
+    import torch
+
+    pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
+    if not pixels:
+        return {}
+    if "image_sizes" not in next(item for item in items if "pixel_values" in item):
+        return {"pixel_values": torch.stack(pixels)}
+    tiles = max(p.shape[0] for p in pixels)
+    padded = torch.zeros((len(pixels), tiles, *pixels[0].shape[1:]), dtype=pixels[0].dtype)
+    for k, p in enumerate(pixels):
+        padded[k, :p.shape[0]] = p
+    sizes = torch.stack([item["image_sizes"] for item in items if "pixel_values" in item])
+    return {"pixel_values": padded, "image_sizes": sizes}
 
 
 class LlavaCollator:
@@ -30,8 +50,4 @@ class LlavaCollator:
             input_ids[row, :n] = item["input_ids"]
             labels[row, :n] = item["labels"]
             attention_mask[row, :n] = 1
-        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
-        if pixels:
-            batch["pixel_values"] = torch.stack(pixels)
-        return batch
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, **image_batch(items)}

@@ -3,7 +3,9 @@
 Every rank (and every data-loader worker) holds the dataset, so holding 665k samples as Python dicts
 would cost several GB per process. Records are streamed from the file once and kept as compact JSON
 bytes in one buffer with an offset table; a sample is decoded, encoded (`encode.py`) and its image
-opened only in `__getitem__`. `lengths`/`is_image` for the sampler are computed during that one pass.
+opened only in `__getitem__`. `lengths`/`is_image` for the sampler are computed during that one pass. Where the family counts
+image tokens from the image's size (LLaVA-NeXT's any-resolution tiles), each image's size is read from
+its file header in that pass (no decode), so lengths hold the exact image-token count of every sample.
 """
 
 from __future__ import annotations
@@ -42,11 +44,13 @@ def mean_colour(image_processor: Any) -> tuple[int, int, int]:
 
 
 class LazySupervisedDataset:
-    """`__getitem__` -> {input_ids, labels, pixel_values (only for image samples)} as torch tensors."""
+    """`__getitem__` -> {input_ids, labels, pixel_values and (any-resolution families) image_sizes,
+    only for image samples} as torch tensors. Any-resolution images are never padded to a square:
+    the tiling keeps their aspect ratio itself, and the token count is that of the image as it is."""
 
     def __init__(self, data_path: str | Path, image_folder: str | Path | None, processor: Any,
                  template: Template, max_length: int | None, image_aspect_ratio: str = "pad") -> None:
-        from llava_cluster.model.load import image_seq_length
+        from llava_cluster.model.family import ImageTokens, family_of_processor
 
         if image_aspect_ratio not in ASPECT_RATIOS:
             raise UserError(f"image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, not {image_aspect_ratio!r}")
@@ -55,13 +59,17 @@ class LazySupervisedDataset:
         self.processor = processor
         self.template = template
         self.max_length = max_length
-        self.image_aspect_ratio = image_aspect_ratio
-        self.image_seq_length = image_seq_length(processor)
+        self.family = family_of_processor(processor)
+        self.image_aspect_ratio = "resize" if self.family.anyres else image_aspect_ratio
+        self.tokens = ImageTokens(processor, self.family)
+        self.image_seq_length = self.tokens.square  # of a square image at the model's input side
         self.pad_colour = mean_colour(processor.image_processor)
         self.lengths: list[int] = []
         self.is_image: list[bool] = []
+        self.image_counts = array("I")  # image tokens of each sample (0: text-only)
         self._blob = bytearray()
         self._offsets = array("Q", [0])
+        headers = ImageFolder(folder) if self.family.anyres and folder.is_dir() else None
         for record in SampleReader(self.data_path):
             if record.error is not None:
                 raise UserError(f"{self.data_path}: sample #{record.index} {record.field}: {record.error} "
@@ -78,7 +86,8 @@ class LazySupervisedDataset:
                                 "(run `llava-cluster data check`)") from None
             self._offsets.append(len(self._blob))
             self.is_image.append(has_image(record.value))
-            self.lengths.append(estimate_length(record.value, self.image_seq_length))
+            self.image_counts.append(self.tokens.for_sample(record.value, headers) if self.is_image[-1] else 0)
+            self.lengths.append(estimate_length(record.value, self.image_counts[-1]))
         if not self.lengths:
             raise UserError(f"{self.data_path} holds no samples")
         self.images = ImageFolder(folder) if any(self.is_image) else None
@@ -98,14 +107,39 @@ class LazySupervisedDataset:
         image = self.images.load_for_sample(sample_id(sample), sample["image"])
         return pad_to_square(image, self.pad_colour) if self.image_aspect_ratio == "pad" else image
 
+    def image_inputs(self, image: Any) -> dict[str, Any]:
+        """The model's image inputs for one image: pixel_values ([tiles,] 3, H, W), image_sizes if any."""
+        pixels = self.processor.image_processor(images=image, return_tensors="pt")
+        out = {"pixel_values": pixels["pixel_values"][0]}
+        if "image_sizes" in pixels:
+            out["image_sizes"] = pixels["image_sizes"][0]
+        return out
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         import torch
 
         sample = self.record(index)
-        enc = encode_sample(sample, self.processor.tokenizer, self.template, self.image_seq_length, self.max_length)
+        # Any-resolution: the image's size sets its token count, so it is opened before encoding.
+        image = self.load_image(sample) if self.family.anyres and has_image(sample) else None
+        enc = encode_sample(sample, self.processor.tokenizer, self.template, self.tokens.for_image(image),
+                            self.max_length)
         item = {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
                 "labels": torch.tensor(enc.labels, dtype=torch.long)}
         if enc.has_image:
-            pixels = self.processor.image_processor(images=self.load_image(sample), return_tensors="pt")
-            item["pixel_values"] = pixels["pixel_values"][0]
+            item.update(self.image_inputs(image if image is not None else self.load_image(sample)))
         return item
+
+    def blank_image_item(self) -> dict[str, Any]:
+        """An item of only image tokens (labels ignored) with a blank square image of the processor's
+        mean colour: what `ImageInEveryBatch` adds to a text-only micro-batch of a multi-rank run."""
+        import torch
+        from PIL import Image
+
+        from llava_cluster.data.encode import IGNORE_INDEX, image_token_id
+
+        side = self.processor.image_processor.size
+        side = side.get("shortest_edge") or side["height"]
+        image = Image.new("RGB", (side, side), self.pad_colour)
+        count = self.tokens.for_image(image)
+        return {"input_ids": torch.full((count,), image_token_id(self.processor.tokenizer), dtype=torch.long),
+                "labels": torch.full((count,), IGNORE_INDEX, dtype=torch.long), **self.image_inputs(image)}

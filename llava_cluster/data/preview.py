@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from llava_cluster.data.templates import TEMPLATES
@@ -35,8 +36,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="MODEL_DIR", required=True,
                         help="HF LLaVA model folder (its tokenizer and processor are used)")
     parser.add_argument("--index", type=int, default=0, help="position of the sample in the file (default 0)")
-    parser.add_argument("--template", default="vicuna_v1", choices=sorted(TEMPLATES),
-                        help="conversation template (default vicuna_v1)")
+    parser.add_argument("--template", default=None, choices=sorted(TEMPLATES),
+                        help="conversation template (default: the model family's, see `data check --help`)")
+    parser.add_argument("--image-folder", metavar="DIR", default=None,
+                        help="folder the `image` paths are relative to (default: the data file's); any-resolution "
+                             "models (LLaVA-NeXT) count image tokens from the image's size")
     parser.add_argument("--max-length", type=int, default=2048, metavar="N",
                         help="truncate as training would (default 2048)")
     parser.add_argument("--json", action="store_true",
@@ -98,14 +102,19 @@ def segment_texts(segs: list[tuple[str, list[int]]], tokenizer: Any) -> list[tup
 
 def run(args: argparse.Namespace) -> int:
     from llava_cluster.data.encode import conversation_turns, encode_sample, image_token_id
+    from llava_cluster.data.images import ImageFolder
     from llava_cluster.data.templates import get_template
-    from llava_cluster.model.load import image_seq_length, load_processor
+    from llava_cluster.model.load import image_tokens, load_processor, template_for
 
+    args.template = template_for(args.model, args.template)
     template = get_template(args.template)
     sample = read_sample(args.data, args.index)
     processor = load_processor(args.model)
     tokenizer = processor.tokenizer
-    enc = encode_sample(sample, tokenizer, template, image_seq_length(processor), args.max_length)
+    folder = Path(args.image_folder) if args.image_folder else Path(args.data).parent
+    images = ImageFolder(folder) if sample.get("image") and folder.is_dir() else None
+    count = image_tokens(processor, args.model).for_sample(sample, images)
+    enc = encode_sample(sample, tokenizer, template, count, args.max_length)
     text = template.render(conversation_turns(sample)).text
     if args.json:
         print(json.dumps({

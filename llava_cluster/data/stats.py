@@ -41,14 +41,14 @@ def compute_stats(
     path: str | Path,
     image_folder: str | Path | None = None,
     model: str | Path | None = None,
-    template: str = "vicuna_v1",
+    template: str | None = None,
     image_sample: int = 2000,
     seed: int = 0,
 ) -> dict[str, Any]:
     """One pass over the file; samples with structural defects are counted as `malformed`, not measured."""
     reader = SampleReader(path)
     images = ImageFolder(image_folder) if image_folder is not None else None
-    encoder = _Encoder(model, template) if model is not None else None
+    encoder = _Encoder(model, template, images) if model is not None else None
     samples = malformed = with_image = text_only = 0
     turns: list[int] = []
     image_paths: set[str] = set()
@@ -80,7 +80,7 @@ def compute_stats(
     if encoder is not None:
         everything = lengths["image"] + lengths["text_only"]
         stats["tokens"] = {
-            "template": template, "image_seq_length": encoder.image_tokens,
+            "template": encoder.template.name, "image_seq_length": encoder.image_tokens,
             "all": percentiles(everything), "image": percentiles(lengths["image"]),
             "text_only": percentiles(lengths["text_only"]),
             "over": {str(limit): sum(n > limit for n in everything) for limit in TOKEN_LIMITS},
@@ -91,19 +91,21 @@ def compute_stats(
 class _Encoder:
     """Full (untruncated) token length of a sample exactly as training encodes it."""
 
-    def __init__(self, model: str | Path, template: str) -> None:
+    def __init__(self, model: str | Path, template: str | None, images: ImageFolder | None) -> None:
         from llava_cluster.data.encode import encode_sample
         from llava_cluster.data.templates import get_template
-        from llava_cluster.model.load import image_seq_length, load_processor
+        from llava_cluster.model.load import image_tokens, load_processor, template_for
 
-        self.template = get_template(template)
         if not Path(model).exists():
             raise UserError(f"model folder not found: {model}", 2)
+        self.template = get_template(template_for(model, template))
         processor = load_processor(model)
-        self.tokenizer, self.image_tokens, self.encode = processor.tokenizer, image_seq_length(processor), encode_sample
+        self.counter, self.images = image_tokens(processor, model), images  # per image for any-resolution
+        self.tokenizer, self.image_tokens, self.encode = processor.tokenizer, self.counter.square, encode_sample
 
     def length(self, sample: dict[str, Any]) -> int:
-        return self.encode(sample, self.tokenizer, self.template, self.image_tokens, None).full_length
+        image = self.counter.for_sample(sample, self.images) if sample.get("image") else 0
+        return self.encode(sample, self.tokenizer, self.template, image, None).full_length
 
 
 def _image_sizes(paths: set[str], folder: ImageFolder, sample: int, seed: int) -> dict[str, Any]:

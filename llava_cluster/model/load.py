@@ -2,7 +2,8 @@
 
 Every stage loads the base through here so that a wrong path, a non-LLaVA model or an
 original-layout (haotian-liu/LLaVA) checkpoint fails at once with a message saying what to do,
-instead of a transformers traceback or, worse, a silently random projector.
+instead of a transformers traceback or, worse, a silently random projector. The model class and
+the 4-bit skip list are the family's (`family.py`), from config.json's model_type.
 """
 
 from __future__ import annotations
@@ -12,14 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llava_cluster.errors import UserError
+from llava_cluster.model.family import FAMILIES, Family, family_of, supported_list
 
 if TYPE_CHECKING:
     import torch
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import PreTrainedModel, ProcessorMixin
 
-# Full module paths: bitsandbytes matches these against `name` of each module, and the short names
-# (`vision_tower`) do not match `model.vision_tower...`, which would quantize the projector.
-SKIP_4BIT_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 ORIGINAL_LAYOUT_KEYS = ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")
 
 
@@ -45,16 +44,28 @@ def read_llava_config(path: str | Path) -> dict[str, Any]:
             f"{', '.join(k for k in ORIGINAL_LAYOUT_KEYS if k in config) or 'flat ' + str(model_type) + ' config'}); "
             f"convert it first with `llava-cluster convert original {path} --vision-tower <CLIP folder> --out <folder>`"
         )
-    if model_type != "llava":
+    if model_type not in FAMILIES:
         raise UserError(
-            f"{path} is a {model_type!r} model, not a LLaVA one: llava-cluster fine-tunes "
-            "LlavaForConditionalGeneration checkpoints (config.json model_type 'llava')"
+            f"{path} is a {model_type!r} model, not a LLaVA one llava-cluster fine-tunes: "
+            f"supported are {supported_list()}"
         )
     return config
 
 
-def load_processor(path: str | Path) -> LlavaProcessor:
-    """The LlavaProcessor (tokenizer + image processor) saved next to the model."""
+def model_family(path: str | Path) -> Family:
+    """The family of the model folder `path`, from its config.json."""
+    return family_of(read_llava_config(path))
+
+
+def template_for(path: str | Path, name: str | None = None) -> str:
+    """`name`, or the default template of the model's family (`family.default_template`)."""
+    from llava_cluster.model.family import default_template
+
+    return name or default_template(read_llava_config(path))
+
+
+def load_processor(path: str | Path) -> ProcessorMixin:
+    """The family's processor (tokenizer + image processor) saved next to the model."""
     read_llava_config(path)
     from transformers import AutoProcessor
 
@@ -87,6 +98,13 @@ def image_seq_length(processor_or_config: Any) -> int:
     raise TypeError(f"expected a LlavaProcessor or a LlavaConfig, got {type(obj).__name__}")
 
 
+def image_tokens(processor: Any, path: str | Path) -> Any:
+    """The `family.ImageTokens` counter of the model at `path` with its processor."""
+    from llava_cluster.model.family import ImageTokens
+
+    return ImageTokens(processor, model_family(path))
+
+
 def load_llava(
     path: str | Path,
     *,
@@ -94,15 +112,16 @@ def load_llava(
     load_in_4bit: bool = False,
     compute_dtype: torch.dtype | None = None,
     device_map: Any = None,
-) -> LlavaForConditionalGeneration:
-    """The base model in `dtype` (default float32); with `load_in_4bit`, the language model in NF4.
+) -> PreTrainedModel:
+    """The base model of its family's class in `dtype` (default float32); with `load_in_4bit`, the
+    language model in NF4.
 
-    4-bit is bitsandbytes NF4 with double quantization; the vision tower, the projector and lm_head
-    stay in `dtype` (the projector is trained, and quantizing the tower only loses accuracy).
+    4-bit is bitsandbytes NF4 with double quantization; the family's skip list (vision tower,
+    projector, lm_head) stays in `dtype` (the projector is trained, quantizing the tower only loses accuracy).
     """
-    read_llava_config(path)
+    family = model_family(path)
     import torch
-    from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
+    from transformers import BitsAndBytesConfig
 
     dtype = dtype or torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -114,6 +133,6 @@ def load_llava(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype or dtype,
-            llm_int8_skip_modules=list(SKIP_4BIT_MODULES),
+            llm_int8_skip_modules=list(family.skip_4bit),
         )
-    return LlavaForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    return family.model_cls().from_pretrained(str(path), **kwargs)

@@ -3,6 +3,10 @@
 Tests, the demo and CI need a real `LlavaForConditionalGeneration` (so every code path is the one a
 13B run takes) without downloading anything: the tokenizer is trained here with `tokenizers`, the
 weights are random (seeded), and the data is the synthetic shapes task of `tiny_task`.
+`family="llava_next"` builds a `LlavaNextForConditionalGeneration` instead, with the config fields of
+llava-hf/llava-v1.6-mistral-7b-hf (Mistral text model, CLIP tower, "default" features from layer -2,
+the five anyres pinpoints scaled from 336 px to the tiny tower's side, image_newline), so the task's
+32-64 px images of several aspect ratios get different tile grids and token counts.
 """
 
 from __future__ import annotations
@@ -109,10 +113,26 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     )
 
 
-def build_processor(tokenizer, shape: Shape = TINY):
+# llava-v1.6's anyres grid, in units of the vision tower's input side (336 px there).
+NEXT_PINPOINTS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+
+
+def next_pinpoints(shape: Shape) -> list[list[int]]:
+    return [[h * shape.image_size, w * shape.image_size] for h, w in NEXT_PINPOINTS]
+
+
+def build_processor(tokenizer, shape: Shape = TINY, family: str = "llava"):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     side = shape.image_size
+    if family == "llava_next":
+        from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+            image_grid_pinpoints=next_pinpoints(shape))
+        return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=shape.patch_size,
+                                  vision_feature_select_strategy="default", num_additional_image_tokens=1)
     image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     return LlavaProcessor(
         image_processor=image_processor,
@@ -123,14 +143,20 @@ def build_processor(tokenizer, shape: Shape = TINY):
     )
 
 
-def build_model(tokenizer, seed: int = 0, shape: Shape = TINY, device: str = "cpu", dtype: str = "fp32"):
-    """Random weights, the same for the same seed, tokenizer and shape."""
+def build_model(tokenizer, seed: int = 0, shape: Shape = TINY, device: str = "cpu", dtype: str = "fp32",
+                family: str = "llava"):
+    """Random weights, the same for the same seed, tokenizer, shape and family."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from llava_cluster.precision import torch_dtype
 
-    text = LlamaConfig(
+    text_config, gqa = LlamaConfig, {}
+    if family == "llava_next":
+        from transformers import MistralConfig as text_config
+
+        gqa = {"num_key_value_heads": max(1, shape.text["num_attention_heads"] // 4)}  # Mistral-7B: 32 / 8
+    text = text_config(
         vocab_size=max(len(tokenizer), shape.vocab_padded_to or 0),
         max_position_embeddings=4096 if shape.vocab_padded_to else 2048,
         bos_token_id=tokenizer.bos_token_id,
@@ -138,9 +164,17 @@ def build_model(tokenizer, seed: int = 0, shape: Shape = TINY, device: str = "cp
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
         **shape.text,
+        **gqa,
     )
     vision = CLIPVisionConfig(image_size=shape.image_size, patch_size=shape.patch_size, **shape.vision)
-    config = LlavaConfig(
+    config_class, model_class, extra = LlavaConfig, LlavaForConditionalGeneration, {}
+    if family == "llava_next":
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+        config_class, model_class = LlavaNextConfig, LlavaNextForConditionalGeneration
+        extra = {"image_grid_pinpoints": next_pinpoints(shape), "projector_hidden_act": "gelu",
+                 "tie_word_embeddings": False}
+    config = config_class(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -148,10 +182,11 @@ def build_model(tokenizer, seed: int = 0, shape: Shape = TINY, device: str = "cp
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype(dtype)).eval()
+        model = model_class._from_config(config, dtype=torch_dtype(dtype)).eval()
     # At the usual 0.02 init the output head cannot turn a normalised hidden state into logits above
     # ~1, so LoRA (which leaves lm_head frozen, as in a real fine-tune) could never make the model
     # confident. Rows of norm ~2, like a trained head's, fix that and keep everything random.
@@ -161,18 +196,19 @@ def build_model(tokenizer, seed: int = 0, shape: Shape = TINY, device: str = "cp
 
 
 def build_tiny(out_dir: Path, samples: int = 600, seed: int = 0, shape: str = "tiny", device: str = "cpu",
-               dtype: str = "fp32") -> TinyPaths:
+               dtype: str = "fp32", family: str = "llava") -> TinyPaths:
     """Write DIR/model (HF LLaVA checkpoint + processor) and DIR/data/{train,val}.json + images/.
 
-    `shape` "7b" writes LLaVA-1.5-7B's sizes (build it with device "cuda" and dtype "bf16": 14 GB)."""
+    `shape` "7b" writes LLaVA-1.5-7B's sizes (build it with device "cuda" and dtype "bf16": 14 GB);
+    `family` "llava_next" a LLaVA-NeXT model of that shape (see the module docstring)."""
     out_dir = Path(out_dir)
     task = make_samples(samples, seed)
     n_val = max(1, round(len(task) * VAL_FRACTION)) if len(task) > 1 else 0
     records = [s.record for s in task]
 
     tokenizer = train_tokenizer(_corpus(records))
-    processor = build_processor(tokenizer, MODEL_SHAPES[shape])
-    model = build_model(tokenizer, seed, MODEL_SHAPES[shape], device, dtype)
+    processor = build_processor(tokenizer, MODEL_SHAPES[shape], family)
+    model = build_model(tokenizer, seed, MODEL_SHAPES[shape], device, dtype, family)
     with atomic_dir(out_dir / "model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)

@@ -1,7 +1,8 @@
 """What every checkpoint and the final save hold, and how to read it back.
 
     adapter_config.json, adapter_model.safetensors   the LoRA adapter, PEFT layout
-    non_lora_trainables.safetensors                  the projector (keys as in LlavaForConditionalGeneration)
+    non_lora_trainables.safetensors                  the projector (+ image_newline for LLaVA-NeXT: every
+                                                     trained non-LoRA tensor), keys as in the family's model class
     llava_cluster.json                               base path, template, method, spec digest, LoRA shape
 
 Under ZeRO-3 every rank holds a slice of each parameter: the trainable ones (LoRA + projector, a few
@@ -102,7 +103,8 @@ def load_projector(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def apply_projector(model: torch.nn.Module, adapter_dir: str | Path) -> list[str]:
-    """Copy the trained projector into a base LlavaForConditionalGeneration (not yet PEFT-wrapped).
+    """Copy the trained projector (and the family's other non-LoRA trainables) into a base model (not
+    yet PEFT-wrapped).
     Fails loudly when a key does not exist or the shape differs: a projector left at its base
     values is the silent failure this product exists to prevent."""
     weights = load_projector(adapter_dir)

@@ -1,5 +1,6 @@
 """Build the trainable model: base LLaVA (+ 4-bit for QLoRA), LoRA on the language model only,
-the multimodal projector fully trainable, the vision tower frozen."""
+the family's non-LoRA trainables (the projector; LLaVA-NeXT's image_newline too) fully trainable,
+the vision tower frozen."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from typing import Any
 
 import torch
 
+from llava_cluster.model.family import FAMILIES
 from llava_cluster.spec import RunSpec
 
-PROJECTOR = "multi_modal_projector"
-VISION = "vision_tower"
+PROJECTOR = "multi_modal_projector"  # the optimizer group at the projector learning rate
 
 
 def compute_dtype(spec: RunSpec) -> torch.dtype:
@@ -85,11 +86,12 @@ def wrap_for_training(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
+    family = FAMILIES[model.config.model_type]
     model = get_peft_model(model, lora)
     for name, param in model.named_parameters():
-        if PROJECTOR in name:
+        if family.is_trainable(name):
             param.requires_grad_(True)
-        elif VISION in name:
+        elif family.vision in name:
             param.requires_grad_(False)
     hold_trainables_in(model, compute_dtype(spec))
     return model
@@ -104,5 +106,5 @@ def trainable_summary(model: torch.nn.Module) -> dict[str, int]:
         n = numel(param)
         counts["total"] += n
         if param.requires_grad:
-            counts["projector" if PROJECTOR in name else "lora"] += n
+            counts["lora" if "lora_" in name else "projector"] += n
     return counts

@@ -12,7 +12,8 @@ sample's own positions. The first label of each segment is -100, so the last tok
 never learns to predict the first of the next: per-token loss terms, and the supervised-token count
 the HF Trainer divides by (labels[..., 1:] != -100), are those of the unpacked batch. LLaVA scatters
 image features into image-token slots in row-major order, so `pixel_values` holds every image of the
-micro-batch in row order and a row may hold several images.
+micro-batch in row order and a row may hold several images (any-resolution: with `image_sizes`, tiles
+padded per batch, `collator.image_batch`).
 
 Layout of an epoch (`PackedRowSampler`): shuffle (seed, epoch), cut into windows, best-fit
 decreasing into rows of at most `capacity` estimated tokens, shuffle rows; then, as in the
@@ -32,6 +33,7 @@ from typing import Any
 
 from torch.utils.data import Sampler
 
+from llava_cluster.data.collator import image_batch
 from llava_cluster.data.encode import IGNORE_INDEX
 from llava_cluster.data.sampler import WINDOW_STEPS, snake_deal
 
@@ -45,16 +47,15 @@ def calibrated_lengths(dataset: Any, samples: int = CALIBRATION_SAMPLES) -> list
     `dataset.lengths` guesses text tokens from characters (4 per token), which is fine for ranking
     but not for filling rows: a tokenizer at 2.5 chars/token would overfill every row by half. The
     text part is scaled by actual/estimated text tokens of a seeded subset (the same on every
-    rank); image tokens are exact already.
+    rank); image tokens are exact already (per image, from its size, for any-resolution families).
     """
     from llava_cluster.data.encode import encode_sample
 
-    image = dataset.image_seq_length
-    own_image = [image if flag else 0 for flag in dataset.is_image]
+    own_image = list(dataset.image_counts)
     picks = random.Random(0).sample(range(len(dataset)), min(samples, len(dataset)))
     estimated = actual = 0
     for i in picks:
-        enc = encode_sample(dataset.record(i), dataset.processor.tokenizer, dataset.template, image, None)
+        enc = encode_sample(dataset.record(i), dataset.processor.tokenizer, dataset.template, own_image[i], None)
         estimated += dataset.lengths[i] - own_image[i]
         actual += enc.full_length - own_image[i]
     scale = actual / max(estimated, 1)
@@ -178,6 +179,7 @@ class PackedDataset:
         self.lengths = list(dataset.lengths if lengths is None else lengths)
         self.is_image = dataset.is_image
         self.image_seq_length = dataset.image_seq_length
+        self.blank_image_item = dataset.blank_image_item
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -212,7 +214,6 @@ class PackedCollator:
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        pixels = []
         for r, row in enumerate(rows):
             at = 0
             for item in row:
@@ -220,12 +221,8 @@ class PackedCollator:
                 input_ids[r, at:at + n] = item["input_ids"]
                 labels[r, at + 1:at + n] = item["labels"][1:]
                 position_ids[r, at:at + n] = torch.arange(n)
-                if "pixel_values" in item:
-                    pixels.append(item["pixel_values"])
                 at += n
             position_ids[r, at:] = torch.arange(width - at)
-        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-        if pixels:
-            batch["pixel_values"] = torch.stack(pixels)
-        return batch
+        images = image_batch([item for row in rows for item in row])
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, **images}
 
