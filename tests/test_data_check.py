@@ -449,3 +449,31 @@ def test_threaded_image_checks_report_exactly_what_one_thread_does(tmp_path, fol
 def test_workers_must_be_positive(tmp_path, folder, capsys):
     code, _, err = run_check(capsys, write(tmp_path, [good("a")]), "--image-folder", folder, "--workers", "0")
     assert code == 2 and "--workers must be at least 1" in err
+
+
+def test_llava_next_token_lengths_count_each_image_from_its_header(tiny_next_dir, tmp_path, capsys):
+    """Any-resolution: the same text with a wide and a square image has different lengths; the limit
+    between them flags only the wide one, and the message gives that image's own count."""
+    from llava_cluster.data.templates import get_template
+    from llava_cluster.model.family import FAMILIES, ImageTokens
+    from llava_cluster.model.load import load_processor
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "square.png")
+    Image.new("RGB", (50, 40)).save(folder / "wide.png")
+    samples = [{"id": name, "image": f"{name}.png", "conversations": turns("<image>\nColour?", "red")}
+               for name in ("square", "wide")]
+    processor = load_processor(tiny_next_dir.model)
+    counter = ImageTokens(processor, FAMILIES["llava_next"])
+    square, wide = counter.for_size(32, 32), counter.for_size(50, 40)
+    assert wide > square
+    text = len(processor.tokenizer(get_template("mistral_instruct").render(
+        [("user", "<image>\nColour?"), ("assistant", "red")]).text)["input_ids"]) - 1
+    code, report = check_json(capsys, write(tmp_path, samples), folder, "--model", str(tiny_next_dir.model),
+                              "--max-length", str(text + square))
+    assert code == 1
+    flagged = [d for d in report["defects"] if d["kind"] in ("too_long", "first_round_too_long")]
+    assert [d["id"] for d in flagged] == ["wide"]
+    assert f"{text + wide} tokens (image = {wide})" in flagged[0]["message"]
+    assert report["tokens"]["template"] == "mistral_instruct"

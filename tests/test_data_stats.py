@@ -125,3 +125,21 @@ def test_hostile_records_are_malformed_not_a_crash(tiny_dir, tmp_path, capsys):
     code, stats = stats_json(capsys, path, "--model", tiny_dir.model)
     assert code == 0 and (stats["samples"], stats["malformed"]) == (4, 3)
     assert stats["tokens"]["all"]["max"] > 0
+
+
+def test_llava_next_token_lengths_differ_by_image_size(tiny_next_dir, tmp_path, capsys):
+    from llava_cluster.model.family import FAMILIES, ImageTokens
+    from llava_cluster.model.load import load_processor
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "square.png")
+    Image.new("RGB", (50, 40)).save(folder / "wide.png")
+    samples = [{"id": name, "image": f"{name}.png", "conversations": turns("<image>\nColour?", "red")}
+               for name in ("square", "wide")]
+    (tmp_path / "d.json").write_text(json.dumps(samples))
+    code, stats = stats_json(capsys, tmp_path / "d.json", "--image-folder", folder, "--model", tiny_next_dir.model)
+    counter = ImageTokens(load_processor(tiny_next_dir.model), FAMILIES["llava_next"])
+    image = stats["tokens"]["image"]
+    assert code == 0 and stats["tokens"]["template"] == "mistral_instruct"
+    assert image["max"] - image["min"] == counter.for_size(50, 40) - counter.for_size(32, 32) > 0

@@ -97,3 +97,23 @@ def test_a_sample_that_cannot_be_encoded_is_a_clear_error(tiny_dir, tmp_path, ca
     rc = main(["data", "preview", str(path), "--model", str(tiny_dir.model)])
     err = " ".join(capsys.readouterr().err.split())
     assert rc == 2 and "sample #0 cannot be encoded: wrong_type at conversations[0].from" in err
+
+
+def test_llava_next_preview_counts_the_image_from_its_size_with_the_family_template(tiny_next_dir, capsys):
+    """Default template of a v1.6-Mistral base is `[INST]`; the image run is the dataset's per-image count."""
+    from llava_cluster.data.dataset import LazySupervisedDataset
+    from llava_cluster.data.templates import TEMPLATES
+    from llava_cluster.model.load import load_processor
+
+    records = json.loads(tiny_next_dir.train.read_text())
+    wide = next(k for k, r in enumerate(records) if r.get("image"))  # re-saved at 32x32 by the fixture
+    tall = [k for k, r in enumerate(records) if r.get("image")][2]  # 20x96
+    ds = LazySupervisedDataset(tiny_next_dir.train, tiny_next_dir.images, load_processor(tiny_next_dir.model),
+                               TEMPLATES["mistral_instruct"], 2048)
+    for index in (wide, tall):
+        assert main(["data", "preview", str(tiny_next_dir.train), "--model", str(tiny_next_dir.model),
+                     "--image-folder", str(tiny_next_dir.images), "--index", str(index), "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["template"] == "mistral_instruct" and out["text"].startswith("[INST] <image>\n")
+        assert out["input_ids"] == ds[index]["input_ids"].tolist()
+    assert ds.image_counts[wide] != ds.image_counts[tall]
