@@ -178,6 +178,9 @@ class TrainingSpec(_Section):
                            "then counts rows of pack_length tokens, not samples"
     )
     pack_length: int | None = Field(None, ge=16, description="tokens per packed row (default: data.max_length)")
+    chunked_loss: bool = Field(
+        False, description="compute the loss on supervised positions a chunk at a time (no full logits tensor); "
+                           "same loss and gradients, far less memory")
 
     @field_validator("deepspeed_overrides")
     @classmethod

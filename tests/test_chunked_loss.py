@@ -83,3 +83,57 @@ def test_lora_and_projector_gradients_equal_on_the_tiny_llava(tiny_dir):
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
     for g, w in zip(got_grads, want_grads, strict=True):
         assert float((g - w).abs().max()) <= 1e-5 * float(w.abs().max()) + 1e-9, float((g - w).abs().max())
+
+
+@pytest.mark.slow
+def test_zero3_two_rank_training_with_the_chunked_loss_matches_the_stock_loss(tmp_path, tiny_dir):
+    """The switch on a real 2-rank ZeRO-3 run (lm_head partitioned): the same losses step by step and
+    the same adapter and projector as the stock loss, to fp32 rounding."""
+    import json
+
+    from safetensors.torch import load_file
+    from test_train import trained
+
+    runs = {flag: trained(tmp_path / str(flag), tiny_dir, f"chunked-{str(flag).lower()}",
+                          training__chunked_loss=flag) for flag in (False, True)}
+
+    def losses(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    assert len(losses(runs[True])) == 4
+    assert losses(runs[True]) == pytest.approx(losses(runs[False]), rel=1e-4)
+    for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
+        got, want = (load_file(str(runs[f] / "train" / "final" / name)) for f in (True, False))
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.allclose(got[key], want[key], rtol=1e-3, atol=1e-6), key
+
+
+def test_the_trainer_switch_takes_the_chunked_path_and_gives_the_same_loss(tiny_dir, tmp_path):
+    """LlavaTrainer.compute_loss with chunked_loss never runs lm_head over the batch, and agrees."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainingArguments
+
+    from llava_cluster.data.collator import LlavaCollator
+    from llava_cluster.data.dataset import LazySupervisedDataset
+    from llava_cluster.data.templates import get_template
+    from llava_cluster.spec import DEFAULT_LORA_TARGETS
+    from llava_cluster.train.trainer import LlavaTrainer
+
+    processor = AutoProcessor.from_pretrained(tiny_dir.model)
+    data = LazySupervisedDataset(str(tiny_dir.train), str(tiny_dir.images), processor, get_template("vicuna_v1"), 256)
+    batch = LlavaCollator(processor.tokenizer.pad_token_id)([data[i] for i in range(3)])
+    model = get_peft_model(LlavaForConditionalGeneration.from_pretrained(tiny_dir.model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS, init_lora_weights=False))
+    calls = []
+    model.base_model.model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=3)
+    losses = {}
+    for flag in (False, True):
+        trainer = LlavaTrainer(model=model, args=args, projector_lr=1e-4, offload_optimizer=False, metadata={},
+                               chunked_loss=flag)
+        calls.clear()
+        losses[flag] = float(trainer.compute_loss(model, dict(batch), num_items_in_batch=None).detach())
+        assert len(calls) == (0 if flag else 1)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)

@@ -196,6 +196,7 @@ def train(spec: RunSpec, run: RunDir) -> int:
         metadata=metadata(spec),
         pack_length=pack_length,
         keep_checkpoints=t.save_total_limit,
+        chunked_loss=t.chunked_loss,
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the same, once
     if is_rank0():

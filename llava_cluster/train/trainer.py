@@ -78,8 +78,10 @@ class ImageInEveryBatch:
 
 class LlavaTrainer(Trainer):
     def __init__(self, *args: Any, projector_lr: float, offload_optimizer: bool, metadata: dict[str, Any],
-                 pack_length: int | None = None, keep_checkpoints: int | None = None, **kwargs: Any) -> None:
+                 pack_length: int | None = None, keep_checkpoints: int | None = None, chunked_loss: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.chunked_loss = chunked_loss
         if self.args.save_total_limit:
             raise ValueError("pass keep_checkpoints, not save_total_limit: HF rotates before our COMPLETE marker")
         self.keep_checkpoints = keep_checkpoints
@@ -87,6 +89,26 @@ class LlavaTrainer(Trainer):
         self.projector_lr = projector_lr
         self.offload_optimizer = offload_optimizer
         self.metadata = metadata
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        """With `chunked_loss`, the training loss without the full logits tensor (train/chunked_loss.py):
+        the LLaVA body gives the hidden states, the frozen lm_head is applied to supervised rows in chunks.
+        Evaluation (return_outputs) keeps the stock path, which needs the logits."""
+        if not self.chunked_loss or return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from llava_cluster.train.chunked_loss import chunked_causal_lm_loss, head_weight
+
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        llava = self.accelerator.unwrap_model(model).base_model.model  # PeftModel -> LlavaForConditionalGeneration
+        hidden = llava.model(**inputs).last_hidden_state
+        divisor = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        with head_weight(llava.lm_head) as weight:
+            loss = chunked_causal_lm_loss(hidden, weight, labels, divisor)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and divisor is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss does
+        return loss
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
         from llava_cluster.data.sampler import ModalityLengthGroupedSampler
