@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -142,7 +143,7 @@ def train(spec: RunSpec, run: RunDir) -> int:
         eval_strategy="steps" if eval_on else "no",
         eval_steps=t.eval_steps if eval_on else None,
         logging_steps=t.logging_steps,
-        report_to=["tensorboard"],
+        report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else [],  # slim GPU images may lack it
         deepspeed=ds_config,
         use_cpu=not use_cuda,
         ddp_backend=None if use_cuda else "gloo",
