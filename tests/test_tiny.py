@@ -205,3 +205,12 @@ def test_7b_shape_has_llava_1_5_7b_sizes(tiny_dir):
     assert model.config.text_config.vocab_size == 32064 and model.config.image_seq_length == 576
     assert next(model.parameters()).dtype == torch.bfloat16
     assert image_seq_length(build_processor(tokenizer, MODEL_SHAPES["7b"])) == 576
+
+
+def test_tiny_cli_llava_next_family_has_v1_6_config_fields(tmp_path, capsys):
+    assert main(["tiny", "--out", str(tmp_path / "n"), "--samples", "6", "--family", "llava_next", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == "llava_next"
+    config = json.loads((tmp_path / "n" / "model" / "config.json").read_text())
+    assert config["architectures"] == ["LlavaNextForConditionalGeneration"]
+    assert config["text_config"]["model_type"] == "mistral" and config["vision_feature_select_strategy"] == "default"
+    assert config["image_grid_pinpoints"] == [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]  # v1.6's, /336*32

@@ -12,6 +12,7 @@ examples:
   llava-cluster tiny --out .demo/tiny                 model in .demo/tiny/model, data in .demo/tiny/data
   llava-cluster tiny --out /tmp/t --samples 160 --seed 1 --json
   llava-cluster tiny --out /scratch/llava-7b-random --shape 7b --device cuda --dtype bf16   # GPU smoke runs
+  llava-cluster tiny --out /tmp/next --family llava_next     # LLaVA-NeXT: anyres tiles, Mistral-style LM
 
 The model is a random-weight LlavaForConditionalGeneration (CLIP-style vision tower, Llama-style LM,
 16 image tokens per image, a byte-level BPE tokenizer trained here): no download. The data asks the
@@ -19,6 +20,9 @@ colour or the shape of one drawn object (one-word answers), with some two-questi
 text-only samples; a LoRA fine-tune learns it in a few hundred CPU steps.
 `--shape 7b` writes the same with LLaVA-1.5-7B's sizes (576 image tokens, 14 GB in bf16): a random
 base to try a cluster's GPUs, drivers and storage with the real memory and time, before any download.
+`--family llava_next` writes a LlavaNextForConditionalGeneration instead (llava-v1.6-mistral's config
+fields: any-resolution tiles from image_grid_pinpoints, image_newline, a Mistral text model); train it
+with `model.template: mistral_instruct`.
 """
 
 
@@ -30,6 +34,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=("tiny", "7b"), default="tiny", help="model sizes (default tiny)")
     parser.add_argument("--device", default="cpu", help="where the random weights are made (cuda for --shape 7b)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="stored weights")
+    parser.add_argument("--family", choices=("llava", "llava_next"), default="llava",
+                        help="model family (default llava, LLaVA-1.5)")
     parser.add_argument("--json", action="store_true", help="print the written paths as JSON")
     parser.set_defaults(func=run)
 
@@ -52,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         from llava_cluster.model.tiny import build_tiny
 
         paths = build_tiny(args.out, samples=args.samples, seed=args.seed, shape=args.shape, device=args.device,
-                           dtype=args.dtype)
+                           dtype=args.dtype, family=args.family)
     summary = _summary(paths)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -80,6 +86,7 @@ def _summary(paths) -> dict:
         "val_samples": len(val),
         "text_only": sum("image" not in r for r in every),
         "multi_turn": sum(len(r["conversations"]) > 2 for r in every),
+        "family": config["model_type"],
         "image_seq_length": config["image_seq_length"],
         "vocab_size": config["text_config"]["vocab_size"],
     }
