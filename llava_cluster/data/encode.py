@@ -16,7 +16,8 @@ model must emit after `Template.prompt` up to and including its end-of-turn toke
 
 Image: an image sample's `<image>` is moved to the front of the first user turn ("<image>\\n" + rest),
 tokenized as the single image token, then expanded to `image_seq_length` copies (never supervised),
-which is what `LlavaForConditionalGeneration` expects next to one `pixel_values` entry.
+which is what `LlavaForConditionalGeneration` expects next to one `pixel_values` entry. For an
+any-resolution family (LLaVA-NeXT) the caller passes that image's own count (`family.ImageTokens`).
 
 Truncation policy (`max_length`): whole rounds (a user turn and its reply) are kept while the sample,
 image expanded, still fits; later rounds are dropped. So a sample is never cut inside a reply (half

@@ -81,6 +81,7 @@ def compute_stats(
         everything = lengths["image"] + lengths["text_only"]
         stats["tokens"] = {
             "template": encoder.template.name, "image_seq_length": encoder.image_tokens,
+            "image_tokens_per_image": encoder.counter.anyres,
             "all": percentiles(everything), "image": percentiles(lengths["image"]),
             "text_only": percentiles(lengths["text_only"]),
             "over": {str(limit): sum(n > limit for n in everything) for limit in TOKEN_LIMITS},
@@ -192,7 +193,9 @@ def render(stats: dict[str, Any]) -> None:
     if stats["tokens"]:
         tok = stats["tokens"]
         over = ", ".join(f"> {k}: {v:,}" for k, v in tok["over"].items())
-        console.print(f"tokens ({tok['template']}, image = {tok['image_seq_length']} tokens): samples {over}",
+        image = (f"image = by size, {tok['image_seq_length']} for a square one" if tok.get("image_tokens_per_image")
+                 else f"image = {tok['image_seq_length']} tokens")
+        console.print(f"tokens ({tok['template']}, {image}): samples {over}",
                       highlight=False)
     else:
         console.print("tokens: not counted (pass --model)", highlight=False)
