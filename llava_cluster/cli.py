@@ -12,6 +12,7 @@ import sys
 
 from llava_cluster import __version__
 from llava_cluster.errors import UserError
+from llava_cluster.noise import VERBOSE_ENV, quiet
 
 # (command, module, one-line help[, registration function]). The module defines `register(parser)`
 # (or the named function) which adds arguments and sets `func=handler`; a handler takes the parsed
@@ -48,6 +49,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"llava-cluster {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the libraries' own messages (DeepSpeed, torchrun, bitsandbytes, transformers)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, module, help_text, *hook in COMMANDS:
@@ -67,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the stages' child processes inherit it
+    quiet()
     if extra:  # KEY=VALUE overrides may follow the options: `submit SPEC --backend slurm optim.lr=1e-4`
         if isinstance(getattr(args, "overrides", None), list) and all(_is_override(a) for a in extra):
             args.overrides = [*args.overrides, *extra]

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from llava_cluster.errors import UserError
+from llava_cluster.launch.interrupt import INTERRUPT_REASON, on_ctrl_c, request_stop, stopped_note
 from llava_cluster.launch.parent_death import child_dies_with_us, end_with_torchrun
-from llava_cluster.rundir import HEARTBEAT_SECONDS, PREEMPTED_EXIT, STAGES, STOP_FILE, RunDir, is_rank0
+from llava_cluster.rundir import HEARTBEAT_SECONDS, PREEMPTED_EXIT, STAGES, RunDir, is_rank0
 
 FAILED_EXIT = 1
 RECORDED_EXITS = {"succeeded": 0, "preempted": PREEMPTED_EXIT}
@@ -123,17 +124,15 @@ def _run_ranks_under_torchrun(run: RunDir, stage: str, launch: object) -> int:
     """Node shape: start this node's ranks with torchrun; a signal to us becomes the stop file."""
     from llava_cluster.launch.topology import torchrun_argv
 
-    def ask_stop(_sig: int, _frame: object) -> None:
-        run.train_dir.mkdir(parents=True, exist_ok=True)
-        (run.train_dir / STOP_FILE).touch()
-
     for sig in (signal.SIGUSR2, signal.SIGTERM):
-        signal.signal(sig, ask_stop)
+        signal.signal(sig, lambda _sig, _frame: request_stop(run.train_dir))
     before = run.read_state(stage).attempts
+    # a group of its own: a terminal's Ctrl-C reaches us, not torchrun (whose agent would kill the ranks)
     proc = subprocess.Popen(torchrun_argv(launch, ["stage", stage, "--run-dir", str(run.root)]),
-                            **child_dies_with_us())
+                            process_group=0, **child_dies_with_us())
     try:
-        code = proc.wait()  # PEP 475: a handled signal does not interrupt the wait
+        with on_ctrl_c(first=lambda: request_stop(run.train_dir, INTERRUPT_REASON), second=proc.kill):
+            code = proc.wait()  # PEP 475: a handled signal does not interrupt the wait
     finally:
         if proc.poll() is None:  # we are being torn down: torchrun and its ranks go with us
             proc.kill()
@@ -179,9 +178,11 @@ def run_stage(stage: str, run_dir: Path, spec_file: Path | None = None) -> int:
     if not run.spec_path.is_file():
         raise UserError(f"{run.root} has no spec.yaml: submit the run first (llava-cluster submit SPEC)")
     if stage == "train":
+        from llava_cluster.noise import quiet
         from llava_cluster.preflight import preflight
         from llava_cluster.spec import load_spec
 
+        quiet(qlora=load_spec(run.spec_path).method == "qlora")  # before bitsandbytes can be imported
         try:
             preflight(load_spec(run.spec_path), run_name=False, what="starting the ranks")
         except UserError as err:
@@ -209,8 +210,13 @@ def run_stage(stage: str, run_dir: Path, spec_file: Path | None = None) -> int:
         with Heartbeat(run, stage):
             code = _execute(stage, run)
     except UserError as err:
-        logging.getLogger("llava_cluster").error(err.message)
+        logging.getLogger("llava_cluster").error("%s failed: %s", stage, err.message)
         record(run.mark_done, stage, error=err.message)
+        raise
+    except KeyboardInterrupt:  # Ctrl-C before training could checkpoint, or a second one
+        why = _aborted_note(run, stage)
+        logging.getLogger("llava_cluster").error(why)
+        record(run.update_state, stage, status="cancelled", error=why)
         raise
     except Exception as err:  # a bug or an environment failure: keep the traceback, say where it is
         from llava_cluster.diskfull import is_disk_full
@@ -226,13 +232,21 @@ def run_stage(stage: str, run_dir: Path, spec_file: Path | None = None) -> int:
             logging.getLogger().removeHandler(handler)
             handler.close()
     if code == PREEMPTED_EXIT:
-        recorded = record(run.update_state, stage, status="preempted",
-                          error="stopped on request; checkpoint saved, resubmit to resume")
+        last = run.last_checkpoint()
+        note = stopped_note(run.train_dir, int(last.name.removeprefix("checkpoint-"))) if last else \
+            "stopped on request; resubmit to resume"
+        recorded = record(run.update_state, stage, status="preempted", error=note)
     elif code == 0:
         recorded = record(run.mark_done, stage)
     else:
         recorded = record(run.mark_done, stage, error=f"exited with code {code}")
     return code if recorded else FAILED_EXIT
+
+
+def _aborted_note(run: RunDir, stage: str) -> str:
+    last = run.last_checkpoint() if stage == "train" else None
+    then = f"run it again to resume from {last.name}" if last else "run it again to start it over"
+    return f"{stage} aborted (Ctrl-C) — {then}"
 
 
 def _disk_full(run: RunDir, stage: str, handler: logging.Handler | None) -> int:

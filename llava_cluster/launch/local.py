@@ -1,16 +1,20 @@
 """Local backend: run the stages one after another on this machine, each as `llava-cluster stage`
 in a child process (so a multi-rank train starts its ranks with torchrun, exactly as on a node).
 The submit holds the run's lock while it runs (a second submit of a live run is refused), and its
-children end with it, however it ends."""
+children end with it, however it ends. Each stage runs in a process group of its own, so a Ctrl-C
+reaches only this process: the first is passed on as a graceful stop (every rank checkpoints), the
+second kills the stage."""
 
 from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
-from llava_cluster.console import console
+from llava_cluster.console import console, print_message
+from llava_cluster.launch.interrupt import on_ctrl_c
 from llava_cluster.launch.parent_death import child_dies_with_us
 from llava_cluster.rundir import PREEMPTED_EXIT, RunDir
 from llava_cluster.spec import RunSpec
@@ -37,8 +41,7 @@ def _run_stages(run: RunDir, stages: list[str], env: dict[str, str]) -> int:
     for i, stage in enumerate(stages):
         console.rule(f"[bold]{stage}")
         before = run.read_state(stage).attempts
-        code = recorded_exit(run, stage, subprocess.call(stage_command(run, stage), env=env, **child_dies_with_us()),
-                             before)
+        code = recorded_exit(run, stage, _run_child(run, stage, env), before)
         if code != 0:
             why = "was preempted (re-submit to resume)" if code == PREEMPTED_EXIT else f"failed (exit {code})"
             for later in stages[i + 1:]:
@@ -46,3 +49,31 @@ def _run_stages(run: RunDir, stages: list[str], env: dict[str, str]) -> int:
                     break
             return code
     return 0
+
+
+def _run_child(run: RunDir, stage: str, env: dict[str, str]) -> int:
+    """One stage as a child; Ctrl-C: first a graceful stop, then an abort."""
+    proc = subprocess.Popen(stage_command(run, stage), env=env, process_group=0, **child_dies_with_us())
+    aborted: list[bool] = []
+
+    def stop() -> None:
+        print_message("stopping", "bold yellow", f"{stage} saves a checkpoint at the end of this step, then stops "
+                      "(Ctrl-C again to abort without it)")
+        proc.send_signal(signal.SIGINT)
+
+    def abort() -> None:
+        print_message("aborting", "bold red", f"{stage} is killed; its last complete checkpoint stays resumable")
+        aborted.append(True)
+        os.killpg(proc.pid, signal.SIGKILL)
+
+    try:
+        with on_ctrl_c(first=stop, second=abort):
+            code = proc.wait()  # PEP 475: a handled signal does not interrupt the wait
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if aborted and run.read_state(stage).status == "running":
+        from llava_cluster.stage import record
+
+        record(run.update_state, stage, status="cancelled", error=f"{stage} aborted (Ctrl-C); run it again to resume")
+    return code

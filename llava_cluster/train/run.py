@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
+import logging
 import os
 import shutil
 import socket
+import sys
+import time
 from pathlib import Path
 
-from llava_cluster.console import err_console
+from llava_cluster.launch.interrupt import INTERRUPT_REASON, on_ctrl_c, request_stop, stopped_note
 from llava_cluster.rundir import PREEMPTED_EXIT, STOP_FILE, RunDir, atomic_dir, is_rank0
 from llava_cluster.spec import RunSpec
 from llava_cluster.train import checkpoint_safety, preemption
@@ -36,7 +41,13 @@ def init_distributed(use_cuda: bool) -> None:
         import torch
 
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    from llava_cluster.noise import verbose
+
+    printed = io.StringIO()  # DeepSpeed prints its comm-op build on stdout: into the stage log instead
+    with contextlib.redirect_stdout(sys.stdout if verbose() else printed):
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    for line in printed.getvalue().splitlines():
+        logging.getLogger("deepspeed").info(line)
 
 
 def metadata(spec: RunSpec) -> dict:
@@ -96,11 +107,19 @@ def train(spec: RunSpec, run: RunDir) -> int:
     from llava_cluster.data.encode import image_token_id
     from llava_cluster.data.templates import get_template
     from llava_cluster.model.load import load_processor
-    from llava_cluster.train.callbacks import MetricsLog, RichProgress
+    from llava_cluster.train.callbacks import (
+        MetricsLog,
+        ProgressLine,
+        ResumingTensorBoard,
+        RichProgress,
+        event,
+        interactive,
+    )
     from llava_cluster.train.ds_config import load_deepspeed_config, offloads_optimizer
     from llava_cluster.train.model_setup import build_model, trainable_summary
     from llava_cluster.train.trainer import ImageInEveryBatch, LlavaTrainer
 
+    started = time.monotonic()
     preemption.install()
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
@@ -110,14 +129,14 @@ def train(spec: RunSpec, run: RunDir) -> int:
     if resume is not None:
         checkpoint_safety.check_checkpoint(resume)
         if reached_the_end(resume, spec):
-            if is_rank0():
-                err_console.print(f"{resume.name} is the last step: nothing left to train, it becomes train/final")
+            event(f"{resume.name} is the last step: nothing left to train, it becomes train/final")
             finish_from(resume, run)
             return 0
     init_distributed(use_cuda)
     ds_config = load_deepspeed_config(spec)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.logs_dir / "tensorboard")
     o, t = spec.optim, spec.training
+    pack_length = (t.pack_length or spec.data.max_length) if t.packing else None
     eval_on = bool(spec.data.eval and t.eval_steps)
     args = TrainingArguments(
         output_dir=str(run.train_dir),
@@ -143,7 +162,8 @@ def train(spec: RunSpec, run: RunDir) -> int:
         eval_strategy="steps" if eval_on else "no",
         eval_steps=t.eval_steps if eval_on else None,
         logging_steps=t.logging_steps,
-        report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else [],  # slim GPU images may lack it
+        report_to=["none"],  # ResumingTensorBoard instead of HF's own
+        include_num_input_tokens_seen="all" if pack_length else "non_padding",  # for tokens/s
         deepspeed=ds_config,
         use_cpu=not use_cuda,
         ddp_backend=None if use_cuda else "gloo",
@@ -161,7 +181,6 @@ def train(spec: RunSpec, run: RunDir) -> int:
                                      image_aspect_ratio=spec.data.image_aspect_ratio)
 
     train_ds = dataset(spec.data.train)
-    pack_length = (t.pack_length or spec.data.max_length) if t.packing else None
     if pack_length:
         from llava_cluster.train.packing import PackedDataset, calibrated_lengths
 
@@ -170,10 +189,8 @@ def train(spec: RunSpec, run: RunDir) -> int:
     model = build_model(spec, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
     if is_rank0():
         counts = trainable_summary(model)
-        err_console.print(
-            f"[bold]{spec.method}[/] on {spec.model.base}: {len(train_ds)} samples, world {args.world_size}, "
-            f"trainable LoRA {counts['lora']:,} + projector {counts['projector']:,} of {counts['total']:,}"
-        )
+        event(f"start: {spec.method} on {spec.model.base}: {len(train_ds)} samples, world {args.world_size}, "
+              f"trainable LoRA {counts['lora']:,} + projector {counts['projector']:,} of {counts['total']:,}")
     stop = preemption.PreemptionCallback(run.train_dir / STOP_FILE)
     if pack_length:
         from llava_cluster.train.packing import PackedCollator
@@ -191,7 +208,9 @@ def train(spec: RunSpec, run: RunDir) -> int:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=collate,
-        callbacks=[stop, RichProgress(), MetricsLog(run.logs_dir / "train_metrics.jsonl")],
+        callbacks=[stop, ProgressLine(o.per_device_batch * o.grad_accum * args.world_size, to_stdout=not interactive()),
+                   *([RichProgress()] if interactive() else []), MetricsLog(run.logs_dir / "train_metrics.jsonl"),
+                   *([ResumingTensorBoard()] if importlib.util.find_spec("tensorboard") else [])],  # slim GPU images
         projector_lr=o.projector_lr,
         offload_optimizer=offloads_optimizer(ds_config),
         metadata=metadata(spec),
@@ -199,23 +218,28 @@ def train(spec: RunSpec, run: RunDir) -> int:
         keep_checkpoints=t.save_total_limit,
         chunked_loss=t.chunked_loss,
     )
-    trainer.remove_callback(PrinterCallback)  # RichProgress shows the same, once
+    trainer.remove_callback(PrinterCallback)  # ProgressLine / RichProgress show the same, once
     if is_rank0():
         drop_incomplete_checkpoints(run)
         (run.train_dir / STOP_FILE).unlink(missing_ok=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    if resume and is_rank0():
-        err_console.print(f"resuming from {resume}")
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if stop.preempted and trainer.state.global_step >= trainer.state.max_steps:
-        if is_rank0():
-            err_console.print("stop requested during the last step: finishing the run instead")
+    if resume:
+        event(f"resuming from {resume} (step {checkpoint_step(resume)})")
+    with on_ctrl_c(first=lambda: request_stop(run.train_dir, INTERRUPT_REASON), second=_abort):
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    step = trainer.state.global_step
+    if stop.preempted and step >= trainer.state.max_steps:
+        event("stop requested during the last step: finishing the run instead")
     elif stop.preempted:
-        if is_rank0():
-            err_console.print(f"[yellow]stopped on request after step {trainer.state.global_step}: "
-                              f"checkpoint saved, re-run to resume[/]")
+        event(stopped_note(run.train_dir, step))
         return PREEMPTED_EXIT
     trainer.save_model(str(run.final_dir))
+    event(f"finished: {run.final_dir} written at step {step} ({time.monotonic() - started:.0f} s)")
     return 0
+
+
+def _abort() -> None:
+    """A second Ctrl-C: stop now, without the checkpoint."""
+    raise KeyboardInterrupt
 
