@@ -1,13 +1,14 @@
 """Library chatter kept out of the user's terminal. Each line here looked like an error to a new user
 and says nothing they can act on: bitsandbytes' CPU-kernel hint (kept for QLoRA, which uses it),
 transformers' torchvision fallback, DeepSpeed's accelerator guess and its comm-op build, torchrun's
-OMP_NUM_THREADS banner, the gcc probes of DeepSpeed's op builder. `llava-cluster -v` (or
+OMP_NUM_THREADS banner and accelerate's thread-count note, the gcc probes of DeepSpeed's op builder. `llava-cluster -v` (or
 LLAVA_CLUSTER_VERBOSE=1, which every child process inherits) brings them all back."""
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 from llava_cluster.rundir import PREEMPTED_EXIT
 
@@ -23,6 +24,7 @@ NOISE: dict[str, tuple[str, ...]] = {
     # after a failure (launch/torchrun.py says the failure in one line)
     "torch.distributed.elastic.multiprocessing.api": (f"failed (exitcode: {PREEMPTED_EXIT})", "closing signal SIGTERM"),
 }
+WARNINGS = ("OMP_NUM_THREADS/MKL_NUM_THREADS unset",)  # accelerate, when it picks a thread count itself
 PROBES = "compilers"  # the parent logger of DeepSpeed's op builder probing gcc at every start (INFO)
 
 
@@ -49,3 +51,5 @@ def quiet(qlora: bool = False) -> None:
         if not verbose() and not (qlora and name == BNB_LOGGER):
             logger.addFilter(_Drop(fragments))
     logging.getLogger(PROBES).setLevel(logging.NOTSET if verbose() else logging.WARNING)
+    for message in WARNINGS:
+        warnings.filterwarnings("default" if verbose() else "ignore", message=message)
