@@ -3,6 +3,8 @@ nothing, and a stage's recorded success stands over its exit code."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
 import subprocess
@@ -40,7 +42,7 @@ def test_a_second_submit_of_a_live_run_is_refused_and_a_killed_holder_blocks_not
     try:
         assert holder.stdout.readline().strip() == "locked"
         started = []
-        monkeypatch.setattr(subprocess, "call", lambda *a, **k: started.append(a) or 0)
+        monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a))
         with pytest.raises(UserError) as err:
             local.submit(spec, ["train"], dry_run=False)
         assert f"pid {holder.pid} on host {socket.gethostname()}" in err.value.message
@@ -63,3 +65,34 @@ def test_storage_without_file_locks_runs_unguarded_with_a_warning(spec, monkeypa
     with RunDir(spec.run_dir).lock():
         pass
     assert "cannot lock" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_two_rank_local_run_checkpoints_records_and_resumes(tmp_path, tiny_dir):
+    """Ctrl-C as a terminal sends it (SIGINT to the foreground process group) during step 2 of 8."""
+    from test_train import ENV, REPO, write_spec
+
+    spec = write_spec(tmp_path, tiny_dir, "ctrl-c", optim__max_steps=8, training__save_steps=100)
+    argv = [sys.executable, "-m", "llava_cluster.cli", "train", str(spec)]
+    proc = subprocess.Popen(argv, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("progress step=2/8"):
+            os.killpg(proc.pid, signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 75, err
+    run = RunDir(tmp_path / "storage" / "runs" / "ctrl-c")
+    stopped = run.last_checkpoint()
+    assert stopped is not None and stopped.name in ("checkpoint-2", "checkpoint-3"), err
+    step = int(stopped.name.removeprefix("checkpoint-"))
+    state = run.read_state("train")
+    assert (state.status, state.error) == ("preempted", f"interrupted at step {step} — run it again to resume")
+    assert f"interrupted at step {step} — run it again to resume" in err
+    assert "Traceback" not in err and "failed" not in err, err
+
+    again = subprocess.run(argv, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"resuming from {stopped} (step {step})" in again.stderr
+    assert run.read_state("train").status == "succeeded" and (run.final_dir / "adapter_model.safetensors").is_file()
+    rows = [json.loads(line) for line in (run.logs_dir / "train_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
