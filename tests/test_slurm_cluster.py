@@ -252,7 +252,7 @@ def test_interrupted_training_requeues_and_resumes_from_its_checkpoint(cluster_r
     state = run.read_state("train")
     assert state.status == "succeeded" and state.attempts == 2 and state.job_ids == [job]
     console = " ".join((run.logs_dir / "slurm" / f"{job}_0_log.out").read_text().split())  # undo line wraps
-    stopped_at = int(console.split("stopped on request after step ")[1].split(":")[0])
+    stopped_at = int(console.split("preempted at step ")[1].split(":")[0])
     assert 1 <= stopped_at < MAX_STEPS
     assert f"resuming from {run.train_dir}/checkpoint-{stopped_at}" in console
 
