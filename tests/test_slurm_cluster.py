@@ -255,6 +255,8 @@ def test_interrupted_training_requeues_and_resumes_from_its_checkpoint(cluster_r
     stopped_at = int(console.split("preempted at step ")[1].split(":")[0])
     assert 1 <= stopped_at < MAX_STEPS
     assert f"resuming from {run.train_dir}/checkpoint-{stopped_at}" in console
+    # the non-TTY task log carries one plain progress line per step of both attempts
+    assert [f"progress step={n}/{MAX_STEPS} " in console for n in range(1, MAX_STEPS + 1)] == [True] * MAX_STEPS
 
 
 def test_interrupted_training_ends_with_the_same_adapter_as_an_uninterrupted_run(cluster_runs):
