@@ -1,4 +1,4 @@
-"""`llava-cluster logs RUN_DIR STAGE`: print or follow a stage's log from the run directory.
+"""`llava-cluster logs RUN STAGE`: print or follow a stage's log from the run directory.
 
 Two logs per stage: `logs/<stage>.log` (what the stage entry writes on rank 0: progress, errors,
 tracebacks; the same on every backend) and, with `--job`, the console output of the stage's latest
@@ -69,7 +69,9 @@ def stream(run: RunDir, stage: str, path: Path, follow: bool, lines: int | None)
 
 
 def handle(args: argparse.Namespace) -> int:
-    run = RunDir(args.run_dir)
+    from llava_cluster.find_run import resolve_run_dir
+
+    run = RunDir(resolve_run_dir(args.run, args.overrides, args.storage))
     if not run.root.is_dir():
         raise UserError(f"run directory not found: {run.root}")
     path = job_log(run, args.stage, args.task) if args.job else run.log_path(args.stage)
@@ -86,8 +88,11 @@ def register(parser: argparse.ArgumentParser) -> None:
         "  llava-cluster logs /shared/runs/my-run train --follow       stream training as it runs\n"
         "  llava-cluster logs /shared/runs/my-run merge --tail 50      the last 50 lines\n"
         "  llava-cluster logs /shared/runs/my-run train --job --task 3 SLURM console output of rank 3\n"
+        "  llava-cluster logs jobs/tiny-local.yaml train -n 20       the run of a spec (or give its name)\n"
     )
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory (<storage>/runs/<name>)")
+    from llava_cluster.status import add_run_arguments
+
+    add_run_arguments(parser)
     parser.add_argument("stage", choices=STAGES, metavar="STAGE", help=" | ".join(STAGES))
     parser.add_argument("-f", "--follow", action="store_true", help="keep streaming until the stage has finished")
     parser.add_argument("-n", "--tail", type=int, default=None, metavar="N", help="start with the last N lines only")

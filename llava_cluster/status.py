@@ -1,4 +1,4 @@
-"""`llava-cluster status RUN_DIR`: the stage table read from the run directory, whatever backend
+"""`llava-cluster status RUN`: the stage table read from the run directory, whatever backend
 ran it, with the tail of the log of a stage that failed."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from rich.table import Table
 
 from llava_cluster.console import console
 from llava_cluster.errors import UserError
+from llava_cluster.find_run import resolve_run_dir
 from llava_cluster.rundir import STAGES, STALE_AFTER_SECONDS, RunDir, StageState
 
 COLOURS = {"succeeded": "green", "running": "cyan", "pending": "white", "preempted": "yellow",
@@ -125,8 +126,22 @@ def show_status(run_dir: Path, as_json: bool = False, tail_lines: int = 20) -> i
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "example:\n  llava-cluster status /shared/runs/my-run\n"
-    parser.add_argument("run_dir", type=Path, help="<storage>/runs/<name>")
+    parser.epilog = (
+        "examples:\n"
+        "  llava-cluster status /shared/runs/my-run\n"
+        "  llava-cluster status jobs/tiny-local.yaml              the run of a spec\n"
+        "  llava-cluster status tiny-local --json                 the run named so in ./jobs/\n"
+        "  llava-cluster status my-run --storage /shared\n"
+    )
+    add_run_arguments(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--lines", type=int, default=20, help="log lines to show for a failed stage")
-    parser.set_defaults(func=lambda a: show_status(a.run_dir, a.json, a.lines))
+    parser.set_defaults(func=lambda a: show_status(resolve_run_dir(a.run, a.overrides, a.storage), a.json, a.lines))
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """RUN (a run directory, spec file or run name) and what resolves it (`status` and `logs`)."""
+    parser.add_argument("run", metavar="RUN", help="a run directory (<storage>/runs/<name>), its spec file, "
+                        "or its name")
+    parser.add_argument("--storage", type=Path, default=None, help="with a run name: the storage root it is under")
+    parser.set_defaults(overrides=[])  # a spec's KEY=VALUE overrides, given anywhere on the line

@@ -99,3 +99,33 @@ def test_a_running_stage_whose_process_is_gone_is_stale_at_once(tmp_path, capsys
     merge = json.loads(capsys.readouterr().out)["stages"][1]
     assert merge["stale"] == (f"stale — its process (pid {beat['pid']} on {beat['host']}) is gone, the job died; "
                               "resubmit to run it again")
+
+
+def _spec_file(tmp_path: Path, folder: str = ".") -> Path:
+    path = tmp_path / folder / "my-spec.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"name": "r1", "storage": str(tmp_path), "model": {"base": str(tmp_path / "m")},
+                                    "data": {"train": str(tmp_path / "t.json"), "image_folder": str(tmp_path)}}))
+    return path
+
+
+def test_status_finds_the_run_from_its_spec_file_or_its_name(tmp_path, capsys, monkeypatch):
+    run = make_run(tmp_path)
+    RunDir(tmp_path / "runs" / "r2").root.mkdir()
+    (tmp_path / "runs" / "r2" / "spec.yaml").write_text("name: r2\n")
+    run.update_state("train", status="succeeded")
+    spec = _spec_file(tmp_path)
+
+    def shown(*argv: str) -> str:
+        assert main(["status", *argv, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["run"]
+
+    assert shown(str(spec)) == str(run.root)
+    assert main(["status", str(spec), "--json", "name=r2"]) == 0  # an override after the options
+    assert json.loads(capsys.readouterr().out)["run"] == str(tmp_path / "runs" / "r2")
+    assert shown("r1", "--storage", str(tmp_path)) == str(run.root)
+    monkeypatch.chdir(tmp_path)
+    _spec_file(tmp_path, "jobs")  # ./jobs/my-spec.yaml says name: r1
+    assert shown("r1") == str(run.root)
+    assert main(["status", "no-such-run"]) == 2
+    assert "not a run directory, a spec file, or the name of a spec in ./jobs/" in capsys.readouterr().err
