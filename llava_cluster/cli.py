@@ -66,18 +66,24 @@ def _is_override(arg: str) -> bool:
     return bool(sep) and bool(key) and not arg.startswith("-")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line as `main` reads it; a mistake exits 2 with argparse's message."""
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
-    if args.verbose:
-        os.environ[VERBOSE_ENV] = "1"  # the stages' child processes inherit it
-    quiet()
     if extra:  # KEY=VALUE overrides may follow the options: `submit SPEC --backend slurm optim.lr=1e-4`
         if isinstance(getattr(args, "overrides", None), list) and all(_is_override(a) for a in extra):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.parse_args(argv)  # argparse's own message for what is really unknown
+    return parser, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, args = parse(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the stages' child processes inherit it
+    quiet()
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2

@@ -85,10 +85,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.description = "Print a stage's log from a run directory; --follow streams it until the stage ends."
     parser.epilog = (
         "examples:\n"
-        "  llava-cluster logs /shared/runs/my-run train --follow       stream training as it runs\n"
-        "  llava-cluster logs /shared/runs/my-run merge --tail 50      the last 50 lines\n"
-        "  llava-cluster logs /shared/runs/my-run train --job --task 3 SLURM console output of rank 3\n"
-        "  llava-cluster logs jobs/tiny-local.yaml train -n 20       the run of a spec (or give its name)\n"
+        "  llava-cluster logs /shared/runs/my-run train --follow          stream training as it runs\n"
+        "  llava-cluster logs /shared/runs/my-run merge --tail 50         the last 50 lines\n"
+        "  llava-cluster logs /shared/runs/my-run train --job --task 3    SLURM console output of rank 3\n"
+        "  llava-cluster logs jobs/tiny-local.yaml train -n 20            the run of a spec (or give its name)\n"
     )
     from llava_cluster.status import add_run_arguments
 

@@ -45,3 +45,50 @@ def test_spec_mistakes_say_what_was_meant_and_where_the_value_came_from(tmp_path
     assert expected in err
     if "did you mean 'training'" not in expected:
         assert f"[from the command line: {override}]" in err
+
+
+def _epilogs(parser) -> list[str]:
+    """The epilog of this parser and of every subcommand under it."""
+    import argparse
+
+    found = [parser.epilog or ""]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _epilogs(sub)
+    return found
+
+
+def help_examples() -> list[str]:
+    """Every `llava-cluster ...` example line of every --help, its trailing explanation cut off."""
+    import re
+
+    from llava_cluster.cli import COMMANDS, EPILOG, build_parser
+
+    texts = [EPILOG]
+    for name, *_ in COMMANDS:
+        texts += _epilogs(build_parser([name])._subparsers._group_actions[0].choices[name])
+    examples = []
+    for text in texts:
+        for line in re.sub(r"\s*\\\n\s*", " ", text).splitlines():  # continued lines joined
+            if line.strip().startswith("llava-cluster "):
+                examples.append(re.split(r"\s{2,}|\s#|\s[>|]\s", line.strip())[0])  # explanation, redirection
+    return examples
+
+
+def test_every_help_names_examples():
+    from llava_cluster.cli import COMMANDS
+
+    commands = {example.split()[1] for example in help_examples()}
+    assert commands == {name for name, *_ in COMMANDS}
+
+
+@pytest.mark.parametrize("example", help_examples())
+def test_every_help_example_parses_as_written(example):
+    """The real parser, as `main` reads a line (overrides anywhere): no 'unrecognized arguments'."""
+    import shlex
+
+    from llava_cluster.cli import parse
+
+    _, args = parse(shlex.split(example)[1:])
+    assert callable(args.func), example
