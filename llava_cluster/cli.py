@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         print_message("error", "bold red", err.message)
         return err.exit_code
     except KeyboardInterrupt:
-        return 130
+        from llava_cluster.launch.interrupt import ABORTED_EXIT
+
+        return ABORTED_EXIT
     except BrokenPipeError:  # `llava-cluster ... --json | head`
         sys.stderr.close()
         return 141

@@ -15,6 +15,7 @@ from typing import Any
 from llava_cluster.rundir import STOP_FILE
 
 INTERRUPT_REASON = "interrupt"  # the stop file's text when Ctrl-C asked for the stop
+ABORTED_EXIT = 130  # what a shell reports for a command ended by SIGINT
 
 
 def request_stop(train_dir: Path, reason: str = "") -> None:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 from llava_cluster.console import console, print_message
-from llava_cluster.launch.interrupt import on_ctrl_c
+from llava_cluster.launch.interrupt import ABORTED_EXIT, on_ctrl_c
 from llava_cluster.launch.parent_death import child_dies_with_us
 from llava_cluster.rundir import PREEMPTED_EXIT, RunDir
 from llava_cluster.spec import RunSpec
@@ -43,7 +43,8 @@ def _run_stages(run: RunDir, stages: list[str], env: dict[str, str]) -> int:
         before = run.read_state(stage).attempts
         code = recorded_exit(run, stage, _run_child(run, stage, env), before)
         if code != 0:
-            why = "was preempted (re-submit to resume)" if code == PREEMPTED_EXIT else f"failed (exit {code})"
+            why = {PREEMPTED_EXIT: "was stopped after a checkpoint (re-submit to resume)",
+                   ABORTED_EXIT: "was aborted (Ctrl-C)"}.get(code, f"failed (exit {code})")
             for later in stages[i + 1:]:
                 if not record(run.update_state, later, status="cancelled", error=f"{stage} {why}"):
                     break
@@ -72,8 +73,10 @@ def _run_child(run: RunDir, stage: str, env: dict[str, str]) -> int:
     finally:
         if proc.poll() is None:
             proc.kill()
-    if aborted and run.read_state(stage).status == "running":
-        from llava_cluster.stage import record
+    if aborted:
+        if run.read_state(stage).status == "running":
+            from llava_cluster.stage import record
 
-        record(run.update_state, stage, status="cancelled", error=f"{stage} aborted (Ctrl-C); run it again to resume")
+            record(run.update_state, stage, status="cancelled", error=f"{stage} aborted (Ctrl-C); run it again")
+        return ABORTED_EXIT
     return code
