@@ -11,6 +11,7 @@ from pathlib import Path
 
 from llava_cluster.console import console
 from llava_cluster.errors import UserError
+from llava_cluster.rundir import PREEMPTED_EXIT
 
 SPEC = Path(__file__).resolve().parents[1] / "jobs" / "tiny-local.yaml"
 
@@ -31,10 +32,15 @@ def run_demo(workdir: Path, samples: int) -> int:
     overrides = [f"storage={workdir}", f"model.base={tiny_root / 'model'}", f"data.train={paths / 'train.json'}",
                  f"data.eval={paths / 'val.json'}", f"data.image_folder={paths / 'images'}"]
     code = submit(SPEC, overrides, backend="local", dry_run=False)
-    if code != 0:
-        console.print(f"[red]demo stopped: a stage failed (exit {code}); see llava-cluster status {workdir / 'runs' / 'tiny-local'}")
-        return code
     run = workdir / "runs" / "tiny-local"
+    if code == PREEMPTED_EXIT:
+        console.print(f"[yellow]demo interrupted[/]: run it again (make demo) to resume from its checkpoint; "
+                      f"llava-cluster status {run}", highlight=False)
+        return code
+    if code != 0:
+        console.print(f"[red]demo stopped: a stage failed (exit {code})[/]; see llava-cluster status {run}",
+                      highlight=False)
+        return code
     metrics = json.loads((run / "validate" / "metrics.json").read_text())
     em = metrics["comparison"]["exact_match"]
     console.print(
