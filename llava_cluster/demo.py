@@ -26,7 +26,10 @@ def run_demo(workdir: Path, samples: int) -> int:
     workdir = workdir.resolve()
     tiny_root = workdir / "tiny"
     if not (tiny_root / "model" / "config.json").is_file():
+        from transformers.utils import logging as hf_logging
+
         console.print(f"building the tiny model and dataset in {tiny_root}")
+        hf_logging.disable_progress_bar()  # a shard bar for a 2 MB model says nothing
         build_tiny(tiny_root, samples=samples)
     paths = tiny_root / "data"
     overrides = [f"storage={workdir}", f"model.base={tiny_root / 'model'}", f"data.train={paths / 'train.json'}",
