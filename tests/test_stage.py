@@ -135,3 +135,29 @@ def test_a_full_disk_is_one_message_a_recorded_failure_and_nothing_marked_comple
     state = run.read_state("train")
     assert state.status == "failed" and state.error.startswith("no space left on the storage of")
     assert not list(run.train_dir.glob("checkpoint-*")) and not run.final_dir.exists()
+
+
+CTRL_C_AT_THE_NODE_PARENT = """
+import os, signal, sys, time
+from llava_cluster.rundir import RunDir
+run = RunDir(sys.argv[1])
+assert os.getpgid(0) != os.getpgid(os.getppid()), "the ranks share the node parent's process group"
+run.mark_running("train")
+os.kill(os.getppid(), signal.SIGINT)  # what the terminal sends the foreground group (the node parent)
+stop = run.train_dir / "STOP"
+for _ in range(600):
+    if stop.exists():
+        break
+    time.sleep(0.1)
+run.update_state("train", status="preempted")
+sys.exit(75)
+"""
+
+
+def test_ctrl_c_at_the_node_parent_becomes_the_stop_file_and_the_ranks_carry_on(tmp_path, monkeypatch):
+    from llava_cluster.launch.interrupt import interrupted
+
+    run = make_run(tmp_path)
+    ranks_that(monkeypatch, CTRL_C_AT_THE_NODE_PARENT)
+    assert _run_ranks_under_torchrun(run, "train", topology.node_launch(2)) == 75
+    assert interrupted(run.train_dir) and run.read_state("train").status == "preempted"
