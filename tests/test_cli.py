@@ -97,13 +97,11 @@ def test_every_help_example_parses_as_written(example):
 def test_verbose_reaches_the_child_processes_through_the_environment(tmp_path, monkeypatch):
     import os
 
-    from llava_cluster.noise import VERBOSE_ENV, verbose
+    from llava_cluster.noise import VERBOSE_ENV, quiet, verbose
 
-    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    monkeypatch.setenv(VERBOSE_ENV, "")  # undone after the test, whatever main sets
     assert main(["status", str(tmp_path / "none")]) == 2 and not verbose()
     assert main(["-v", "status", str(tmp_path / "none")]) == 2
     assert os.environ[VERBOSE_ENV] == "1" and verbose()
-    monkeypatch.delenv(VERBOSE_ENV)
-    from llava_cluster.noise import quiet
-
+    os.environ[VERBOSE_ENV] = ""
     quiet()
