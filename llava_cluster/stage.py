@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from llava_cluster.errors import UserError
-from llava_cluster.launch.interrupt import INTERRUPT_REASON, on_ctrl_c, request_stop, stopped_note
+from llava_cluster.launch.interrupt import (
+    INTERRUPT_REASON,
+    STOP_CLEARED_ENV,
+    clear_stale_stop,
+    on_ctrl_c,
+    request_stop,
+    stopped_note,
+)
 from llava_cluster.launch.parent_death import child_dies_with_us, end_with_torchrun
 from llava_cluster.rundir import HEARTBEAT_SECONDS, PREEMPTED_EXIT, STAGES, RunDir, is_rank0
 
@@ -127,6 +134,9 @@ def _run_ranks_under_torchrun(run: RunDir, stage: str, launch: object) -> int:
     for sig in (signal.SIGUSR2, signal.SIGTERM):
         signal.signal(sig, lambda _sig, _frame: request_stop(run.train_dir))
     before = run.read_state(stage).attempts
+    if getattr(launch, "node_rank", 0) == 0:
+        clear_stale_stop(run.train_dir)
+    os.environ[STOP_CLEARED_ENV] = "1"  # torchrun's ranks inherit it
     # a group of its own: a terminal's Ctrl-C reaches us, not torchrun (whose agent would kill the ranks)
     proc = subprocess.Popen(torchrun_argv(launch, ["stage", stage, "--run-dir", str(run.root)]),
                             process_group=0, **child_dies_with_us())

@@ -142,9 +142,11 @@ import os, signal, sys, time
 from llava_cluster.rundir import RunDir
 run = RunDir(sys.argv[1])
 assert os.getpgid(0) != os.getpgid(os.getppid()), "the ranks share the node parent's process group"
+stop = run.train_dir / "STOP"
+assert not stop.exists(), "the last attempt's stop request was not cleared"
+assert os.environ["LLAVA_CLUSTER_STOP_CLEARED"] == "1"  # so the ranks keep a request made while they start
 run.mark_running("train")
 os.kill(os.getppid(), signal.SIGINT)  # what the terminal sends the foreground group (the node parent)
-stop = run.train_dir / "STOP"
 for _ in range(600):
     if stop.exists():
         break
@@ -158,6 +160,9 @@ def test_ctrl_c_at_the_node_parent_becomes_the_stop_file_and_the_ranks_carry_on(
     from llava_cluster.launch.interrupt import interrupted
 
     run = make_run(tmp_path)
+    run.train_dir.mkdir()
+    (run.train_dir / "STOP").write_text("\n")  # the previous attempt's (a SLURM preemption)
+    monkeypatch.setenv("LLAVA_CLUSTER_STOP_CLEARED", "")  # undone after the test: the node parent sets it
     ranks_that(monkeypatch, CTRL_C_AT_THE_NODE_PARENT)
     assert _run_ranks_under_torchrun(run, "train", topology.node_launch(2)) == 75
     assert interrupted(run.train_dir) and run.read_state("train").status == "preempted"

@@ -16,6 +16,14 @@ from llava_cluster.rundir import STOP_FILE
 
 INTERRUPT_REASON = "interrupt"  # the stop file's text when Ctrl-C asked for the stop
 ABORTED_EXIT = 130  # what a shell reports for a command ended by SIGINT
+# set by a node parent that cleared the last attempt's stop file before starting its ranks: they must
+# not clear it again, or a Ctrl-C while they start up would be lost
+STOP_CLEARED_ENV = "LLAVA_CLUSTER_STOP_CLEARED"
+
+
+def clear_stale_stop(train_dir: Path) -> None:
+    """Forget the previous attempt's stop request: once, before this attempt's ranks train."""
+    (train_dir / STOP_FILE).unlink(missing_ok=True)
 
 
 def request_stop(train_dir: Path, reason: str = "") -> None:

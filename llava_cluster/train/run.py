@@ -14,7 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-from llava_cluster.launch.interrupt import INTERRUPT_REASON, on_ctrl_c, request_stop, stopped_note
+from llava_cluster.launch.interrupt import (
+    INTERRUPT_REASON,
+    STOP_CLEARED_ENV,
+    clear_stale_stop,
+    on_ctrl_c,
+    request_stop,
+    stopped_note,
+)
 from llava_cluster.rundir import PREEMPTED_EXIT, STOP_FILE, RunDir, atomic_dir, is_rank0
 from llava_cluster.spec import RunSpec
 from llava_cluster.train import checkpoint_safety, preemption
@@ -221,7 +228,8 @@ def train(spec: RunSpec, run: RunDir) -> int:
     trainer.remove_callback(PrinterCallback)  # ProgressLine / RichProgress show the same, once
     if is_rank0():
         drop_incomplete_checkpoints(run)
-        (run.train_dir / STOP_FILE).unlink(missing_ok=True)
+        if not os.environ.get(STOP_CLEARED_ENV):  # ranks started directly (srun, one process)
+            clear_stale_stop(run.train_dir)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     if resume:
