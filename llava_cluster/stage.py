@@ -136,10 +136,9 @@ def _run_ranks_under_torchrun(run: RunDir, stage: str, launch: object) -> int:
     before = run.read_state(stage).attempts
     if getattr(launch, "node_rank", 0) == 0:
         clear_stale_stop(run.train_dir)
-    os.environ[STOP_CLEARED_ENV] = "1"  # torchrun's ranks inherit it
     # a group of its own: a terminal's Ctrl-C reaches us, not torchrun (whose agent would kill the ranks)
     proc = subprocess.Popen(torchrun_argv(launch, ["stage", stage, "--run-dir", str(run.root)]),
-                            process_group=0, **child_dies_with_us())
+                            env={**os.environ, STOP_CLEARED_ENV: "1"}, process_group=0, **child_dies_with_us())
     try:
         with on_ctrl_c(first=lambda: request_stop(run.train_dir, INTERRUPT_REASON), second=proc.kill):
             code = proc.wait()  # PEP 475: a handled signal does not interrupt the wait

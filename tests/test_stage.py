@@ -162,7 +162,7 @@ def test_ctrl_c_at_the_node_parent_becomes_the_stop_file_and_the_ranks_carry_on(
     run = make_run(tmp_path)
     run.train_dir.mkdir()
     (run.train_dir / "STOP").write_text("\n")  # the previous attempt's (a SLURM preemption)
-    monkeypatch.setenv("LLAVA_CLUSTER_STOP_CLEARED", "")  # undone after the test: the node parent sets it
+    monkeypatch.delenv("LLAVA_CLUSTER_STOP_CLEARED", raising=False)
     ranks_that(monkeypatch, CTRL_C_AT_THE_NODE_PARENT)
     assert _run_ranks_under_torchrun(run, "train", topology.node_launch(2)) == 75
     assert interrupted(run.train_dir) and run.read_state("train").status == "preempted"
