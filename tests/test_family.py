@@ -125,6 +125,25 @@ def test_packed_rows_with_tiles_give_the_unpacked_loss(next_dataset, next_model,
     torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_blank_image_of_a_text_only_multi_rank_batch_has_tiles_and_changes_no_loss(next_dataset, next_model,
+                                                                                        next_processor, packed):
+    """ImageInEveryBatch with the dataset's blank image: the tower runs (ZeRO-3's gathers on every rank),
+    the batch carries image_sizes for its tiles, and the loss is the text-only batch's."""
+    from llava_cluster.data.collator import LlavaCollator
+    from llava_cluster.train.packing import PackedCollator
+    from llava_cluster.train.trainer import ImageInEveryBatch
+
+    pad = next_processor.tokenizer.pad_token_id
+    texts = [next_dataset[i] for i, flag in enumerate(next_dataset.is_image) if not flag][:2]
+    collate, items = (PackedCollator(pad), [texts]) if packed else (LlavaCollator(pad), texts)
+    batch = ImageInEveryBatch(collate, next_dataset.blank_image_item())(items)
+    assert batch["pixel_values"].shape == (1, 3, 3, 32, 32) and batch["image_sizes"].tolist() == [[32, 32]]
+    with torch.no_grad():
+        torch.testing.assert_close(next_model(**batch, use_cache=False).loss,
+                                   next_model(**collate(items), use_cache=False).loss, atol=1e-5, rtol=1e-5)
+
+
 def test_mistral_template_masking_with_the_real_tokenizer_and_anyres_counts(tmp_path, tiny_next_dir):
     """Mistral-7B's SentencePiece vocabulary (tests/real_tokenizers 'llama2'), the tiny anyres image
     processor: the image run is the processor's count for that image, the supervised ids are exactly

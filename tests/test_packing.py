@@ -127,8 +127,8 @@ def test_collator_accepts_plain_items_as_one_row_each():
 def test_image_in_every_batch_adds_the_blank_image_as_a_segment_of_the_shortest_row():
     from llava_cluster.train.trainer import ImageInEveryBatch
 
-    wrap = ImageInEveryBatch(PackedCollator(pad_token_id=0), image_token_id=9, image_seq_length=2,
-                             pixel_shape=(3, 2, 2))
+    blank = {"input_ids": torch.tensor([9, 9]), "labels": torch.tensor([-100, -100]), "pixel_values": torch.zeros(3, 2, 2)}
+    wrap = ImageInEveryBatch(PackedCollator(pad_token_id=0), blank)
     batch = wrap([[item([1, 2, 3], [-100, 2, 3])], [item([4], [-100])]])
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]]

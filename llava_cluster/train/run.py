@@ -111,7 +111,6 @@ def train(spec: RunSpec, run: RunDir) -> int:
 
     from llava_cluster.data.collator import LlavaCollator
     from llava_cluster.data.dataset import LazySupervisedDataset
-    from llava_cluster.data.encode import image_token_id
     from llava_cluster.data.templates import get_template
     from llava_cluster.model.load import load_processor
     from llava_cluster.train.callbacks import (
@@ -206,9 +205,7 @@ def train(spec: RunSpec, run: RunDir) -> int:
     else:
         collate = LlavaCollator(processor.tokenizer.pad_token_id)
     if args.world_size > 1:
-        size = processor.image_processor.crop_size
-        collate = ImageInEveryBatch(collate, image_token_id(processor.tokenizer), train_ds.image_seq_length,
-                                    (3, size["height"], size["width"]))
+        collate = ImageInEveryBatch(collate, train_ds.blank_image_item())
     trainer = LlavaTrainer(
         model=model,
         args=args,

@@ -48,7 +48,8 @@ def rotate_checkpoints(train_dir: Path, keep: int | None) -> list[Path]:
 
 class ImageInEveryBatch:
     """Collator wrapper for multi-rank runs: a text-only micro-batch gets one extra row made only of
-    image tokens (labels -100) and a blank image.
+    image tokens (labels -100) and a blank image: `dummy`, the dataset's `blank_image_item()`, so it has
+    the family's inputs (any-resolution: its tiles and `image_sizes`) and that image's token count.
 
     Under ZeRO-3 every rank must run the same collectives in the same order; a rank whose batch has
     no image would skip the vision tower (and its parameter gathers) while the others run it, and
@@ -58,13 +59,9 @@ class ImageInEveryBatch:
     at the end of the shortest row instead, so it attends to nothing else.
     """
 
-    def __init__(self, collate: Any, image_token_id: int, image_seq_length: int, pixel_shape: tuple[int, ...]):
+    def __init__(self, collate: Any, dummy: dict[str, Any]):
         self.collate = collate
-        self.dummy = {
-            "input_ids": torch.full((image_seq_length,), image_token_id, dtype=torch.long),
-            "labels": torch.full((image_seq_length,), -100, dtype=torch.long),
-            "pixel_values": torch.zeros(pixel_shape),
-        }
+        self.dummy = dummy
 
     def __call__(self, items: list[Any]) -> dict[str, Any]:
         if items and isinstance(items[0], list):  # packed rows: the blank image joins the shortest row
