@@ -68,7 +68,7 @@ def test_bad_specs_name_the_field_and_the_fix(tmp_path, body, overrides, expecte
 
 @pytest.mark.parametrize("args, expected", [
     (["submit", "nope.yaml"], "run spec not found: nope.yaml"),
-    (["status", "/nonexistent/run"], "run directory not found"),
+    (["status", "/nonexistent/run"], "not a run directory, a spec file, or the name of a spec"),
     (["merge", "--adapter", "/nonexistent", "--out", "/tmp/x"], "adapter folder not found"),
     (["stage", "train", "--run-dir", "/nonexistent/run"], "has no spec.yaml"),
 ])

@@ -362,3 +362,24 @@ class Payload:
         return (os.system, (f"touch {sys.argv[2]}",))
 torch.save({"optimizer_state_dict": Payload()}, sys.argv[1])
 """
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_with_the_chunked_loss_match_the_stock_loss(zero3_run, tmp_path, tiny_dir):
+    """training.chunked_loss on the same 2-rank ZeRO-3 run (lm_head partitioned): the same losses step by
+    step and the same adapter and projector as the stock loss, to fp32 rounding."""
+    import json
+
+    chunked = trained(tmp_path, tiny_dir, "zero3-2rank", training__chunked_loss=True)
+
+    def losses(run_dir: Path) -> list[float]:
+        rows = [json.loads(line) for line in (run_dir / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    assert len(losses(chunked)) == 4
+    assert losses(chunked) == pytest.approx(losses(zero3_run), rel=1e-4)
+    for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
+        got, want = (load_file(str(run / "train" / "final" / name)) for run in (chunked, zero3_run))
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.allclose(got[key], want[key], rtol=1e-3, atol=1e-6), key
