@@ -19,6 +19,7 @@ from typing import Any
 
 from llava_cluster.data.templates import IMAGE_TOKEN
 from llava_cluster.errors import UserError
+from llava_cluster.precision import torch_dtype
 from llava_cluster.rundir import atomic_dir
 
 PAD_TOKEN = "<pad>"
@@ -211,7 +212,7 @@ def convert_original(
     if "model.vision_tower.embeddings.patch_embedding.weight" not in state:
         state.update(_vision_weights(vision_tower, allow_pickle))
     lm_dtype = state["model.language_model.embed_tokens.weight"].dtype
-    target = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype] if dtype else lm_dtype
+    target = torch_dtype(dtype) if dtype else lm_dtype
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
 
     old_vocab = state["model.language_model.embed_tokens.weight"].shape[0]
