@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llava_cluster.adapter import ADAPTER_CONFIG, LORA_STEM, NON_LORA_STEM, write_adapter
 from llava_cluster.data.templates import IMAGE_TOKEN
 from llava_cluster.errors import UserError
 from llava_cluster.precision import torch_dtype
@@ -307,7 +308,7 @@ def _projector_name(key: str) -> str:
     bare = key.removeprefix("base_model.model.")
     if not bare.startswith("model.mm_projector."):
         raise UserError(
-            f"non_lora_trainables: unexpected tensor {key!r} (only the mm_projector is converted; an "
+            f"{NON_LORA_STEM}: unexpected tensor {key!r} (only the mm_projector is converted; an "
             "adapter that also trained embeddings or the vision tower is not supported)"
         )
     return original_name(bare)
@@ -318,7 +319,7 @@ def _lora_config_dict(src_cfg: dict[str, Any], base: Path) -> dict[str, Any]:
 
     targets = src_cfg.get("target_modules")
     if not isinstance(targets, list) or not targets:
-        raise UserError(f"adapter_config.json: target_modules {targets!r} is not a list of module names")
+        raise UserError(f"{ADAPTER_CONFIG}: target_modules {targets!r} is not a list of module names")
     names = sorted({t.rsplit(".", 1)[-1] for t in targets})
     known = {f.name for f in LoraConfig.__dataclass_fields__.values()}
     kwargs = {k: v for k, v in src_cfg.items() if k in known and k not in ("peft_version", "auto_mapping")}
@@ -337,24 +338,23 @@ def convert_adapter(
     """Original `--lora_enable` output (adapter + non_lora_trainables) -> our adapter layout, checked
     tensor by tensor against the converted base so a wrong base fails here, not at merge time."""
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
     src, base, out = Path(src), Path(base), Path(out)
-    cfg_path = src / "adapter_config.json"
+    cfg_path = src / ADAPTER_CONFIG
     if not cfg_path.is_file():
-        raise UserError(f"{src}: no adapter_config.json (not a LoRA output folder)")
+        raise UserError(f"{src}: no {ADAPTER_CONFIG} (not a LoRA output folder)")
     from llava_cluster.model.load import read_llava_config
 
     read_llava_config(base)
     src_cfg = json.loads(cfg_path.read_text())
-    lora = {_lora_name(k): v.contiguous() for k, v in _read_one(src, "adapter_model", allow_pickle).items()}
-    if not any((src / f"non_lora_trainables.{ext}").is_file() for ext in ("bin", "safetensors")):
+    lora = {_lora_name(k): v.contiguous() for k, v in _read_one(src, LORA_STEM, allow_pickle).items()}
+    if not any((src / f"{NON_LORA_STEM}.{ext}").is_file() for ext in ("bin", "safetensors")):
         raise UserError(
-            f"{src}: no non_lora_trainables.bin. The projector trained with the adapter is in that file; "
+            f"{src}: no {NON_LORA_STEM}.bin. The projector trained with the adapter is in that file; "
             "merging without it would silently keep the base projector."
         )
-    extra = _read_one(src, "non_lora_trainables", allow_pickle)
+    extra = _read_one(src, NON_LORA_STEM, allow_pickle)
     projector = {_projector_name(k): v.contiguous() for k, v in extra.items()}
 
     with torch.device("meta"):
@@ -384,8 +384,5 @@ def convert_adapter(
                  "target_modules": config["target_modules"]},
     }
     with atomic_dir(out) as tmp:
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=list) + "\n")
-        save_file(lora, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        save_file(projector, tmp / "non_lora_trainables.safetensors", metadata={"format": "pt"})
-        (tmp / "llava_cluster.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_adapter(tmp, config, lora, projector, meta)
     return {**meta, "lora_tensors": len(lora), "projector_tensors": len(projector)}
