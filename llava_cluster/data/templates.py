@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IMAGE_TOKEN = "<image>"
+from llava_cluster.model.tokens import IMAGE_TOKEN  # re-exported: data/ modules import it from here
 
 
 def generation_start(prompt: str) -> int:

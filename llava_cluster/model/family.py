@@ -146,11 +146,10 @@ class ImageTokens:
         """Tokens of a sample's image with its size read from the file header only (`ImageFolder.size`),
         no decode; a square image's count when there is no folder or the header cannot be read (then
         `data check` names the file, and training refuses it when it loads it)."""
-        from llava_cluster.data.images import ImageProblem
-
         if not self.anyres or folder is None:
             return self.square
         try:
-            return self.for_size(*folder.size(sample["image"]))
-        except (ImageProblem, TypeError, KeyError):
+            size = folder.size(sample["image"])
+        except Exception:  # data.images.ImageProblem (model/ does not import data/), a missing or odd path
             return self.square
+        return self.for_size(*size)
