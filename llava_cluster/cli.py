@@ -19,7 +19,7 @@ from llava_cluster.noise import VERBOSE_ENV, quiet
 # args and returns an exit code.
 COMMANDS: list[tuple[str, ...]] = [
     ("data", "llava_cluster.data.cli", "check, convert, summarise and preview LLaVA conversation data"),
-    ("tiny", "llava_cluster.model.tiny_cli", "write a tiny random LLaVA model and a learnable synthetic dataset"),
+    ("tiny", "llava_cluster.tiny.cli", "write a tiny random LLaVA model and a learnable synthetic dataset"),
     ("submit", "llava_cluster.submit", "run a spec's stages (train -> merge -> validate) locally, on SLURM or on k8s"),
     ("status", "llava_cluster.status", "show a run's stages: state, job ids, attempts, elapsed, failing log tail"),
     ("train", "llava_cluster.submit", "train a spec on this machine (no merge/validate); re-run to resume",

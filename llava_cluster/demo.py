@@ -17,8 +17,8 @@ SPEC = Path(__file__).resolve().parents[1] / "jobs" / "tiny-local.yaml"
 
 
 def run_demo(workdir: Path, samples: int) -> int:
-    from llava_cluster.model.tiny import build_tiny
     from llava_cluster.submit import submit
+    from llava_cluster.tiny.build import build_tiny
 
     if not SPEC.is_file():
         raise UserError(f"{SPEC} not found: run the demo from a source checkout of llava-cluster")

@@ -20,7 +20,7 @@ start from. This folder is written the way the hub's llava-1.5 checkpoints are:
 Only the widths and depths are shrunk (hidden 32, 2 layers; vision hidden 32, 2 layers). The cost that
 remains is the real one: ~680 positions per sample (576 image tokens) times the 32064-row output head;
 on a CPU without bf16 instructions a bf16 step of one sample takes seconds, an fp32 one a fraction. The data are the tiny model's shapes
-task (`llava_cluster.model.tiny_task`); the processor resizes its small images to 336 px.
+task (`llava_cluster.tiny.task`); the processor resizes its small images to 336 px.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def write_weights(out: Path, seed: int = 0) -> None:
     from safetensors.torch import save_file
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from llava_cluster.model.tiny import HEAD_ROW_NORM
+    from llava_cluster.tiny.build import HEAD_ROW_NORM
 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(str(out)))
@@ -208,7 +208,7 @@ class HfPaths:
 
 def write_data(out: Path, samples: int, seed: int = 0) -> tuple[Path, Path, Path]:
     """The shapes task (train/val JSON + PNGs); a fifth of the samples held out."""
-    from llava_cluster.model.tiny_task import make_samples
+    from llava_cluster.tiny.task import make_samples
 
     task = make_samples(samples, seed)
     images = out / "images"

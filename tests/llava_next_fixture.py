@@ -1,4 +1,4 @@
-"""A tiny LLaVA-NeXT base (llava_cluster.model.tiny, family llava_next) whose first images have
+"""A tiny LLaVA-NeXT base (llava_cluster.tiny.build, family llava_next) whose first images have
 several aspect ratios, so that their any-resolution tile counts (3, 4 and 5 here) differ."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from llava_cluster.model.tiny import TinyPaths, build_tiny
+from llava_cluster.tiny.build import TinyPaths, build_tiny
 
 # (width, height): square -> 1x2 grid + base = 3 tiles, very wide -> 1x3 + base = 4, ~square bigger -> 2x2 + base = 5
 ASPECTS = ((32, 32), (96, 20), (20, 96), (50, 40), (64, 30))

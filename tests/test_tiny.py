@@ -12,8 +12,8 @@ from llava_cluster.cli import main
 from llava_cluster.data.templates import TEMPLATES
 from llava_cluster.errors import UserError
 from llava_cluster.model.load import image_seq_length, load_llava, load_processor
-from llava_cluster.model.tiny import build_tiny
-from llava_cluster.model.tiny_task import COLOURS, SHAPES
+from llava_cluster.tiny.build import build_tiny
+from llava_cluster.tiny.task import COLOURS, SHAPES
 
 
 def _records(tiny_dir) -> list[dict]:
@@ -196,7 +196,7 @@ def test_7b_shape_has_llava_1_5_7b_sizes(tiny_dir):
     import torch
     from transformers import AutoTokenizer
 
-    from llava_cluster.model.tiny import MODEL_SHAPES, build_model, build_processor
+    from llava_cluster.tiny.build import MODEL_SHAPES, build_model, build_processor
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir.model)
     model = build_model(tokenizer, shape=MODEL_SHAPES["7b"], device="meta", dtype="bf16")

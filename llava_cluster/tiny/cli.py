@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        from llava_cluster.model.tiny import build_tiny
+        from llava_cluster.tiny.build import build_tiny
 
         paths = build_tiny(args.out, samples=args.samples, seed=args.seed, shape=args.shape, device=args.device,
                            dtype=args.dtype, family=args.family)

@@ -2,7 +2,7 @@
 
 Tests, the demo and CI need a real `LlavaForConditionalGeneration` (so every code path is the one a
 13B run takes) without downloading anything: the tokenizer is trained here with `tokenizers`, the
-weights are random (seeded), and the data is the synthetic shapes task of `tiny_task`.
+weights are random (seeded), and the data is the synthetic shapes task of `tiny.task`.
 `family="llava_next"` builds a `LlavaNextForConditionalGeneration` instead, with the config fields of
 llava-hf/llava-v1.6-mistral-7b-hf (Mistral text model, CLIP tower, "default" features from layer -2,
 the five anyres pinpoints scaled from 336 px to the tiny tower's side, image_newline), so the task's
@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_cluster.data.templates import IMAGE_TOKEN, TEMPLATES
-from llava_cluster.model.tiny_task import make_samples
+from llava_cluster.data.templates import TEMPLATES
+from llava_cluster.model.tokens import IMAGE_TOKEN
 from llava_cluster.rundir import atomic_dir, atomic_write_bytes, atomic_write_json
+from llava_cluster.tiny.task import make_samples
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
