@@ -1,7 +1,7 @@
 """`llava-cluster data check | stats | convert | preview`: wiring only; the work lives in sibling modules.
 
-Nothing heavy is imported here so `llava-cluster data --help` stays fast; `preview` (torch, the
-processor) is imported only when it is the chosen subcommand.
+Every subcommand's arguments are declared here and its handler imports the module doing the work only
+when it runs, so `llava-cluster data --help` (and each subcommand's) stays fast: no torch, no processor.
 """
 
 from __future__ import annotations
@@ -48,6 +48,13 @@ examples:
   llava-cluster data convert chats.jsonl --format messages --out train.json --skip-bad
 """
 
+PREVIEW_EPILOG = """\
+examples:
+  llava-cluster data preview train.json --model /models/llava-1.5-7b-hf --index 0
+  llava-cluster data preview train.jsonl --model tiny/model --index 12 --template chatml
+  llava-cluster data preview train.json --model tiny/model --index 3 --json | jq '.labels'
+"""
+
 
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
@@ -92,10 +99,24 @@ def register(parser: argparse.ArgumentParser) -> None:
     convert.add_argument("--json", action="store_true", help="print the result as one JSON object")
     convert.set_defaults(func=_convert)
 
-    # preview's own parser is built by its module; import it only when preview is actually run.
-    preview = sub.add_parser("preview", add_help=False, prefix_chars="\0",
-                             help="show how samples are rendered, tokenized and masked (see: preview --help)")
-    preview.add_argument("rest", nargs=argparse.REMAINDER)
+    preview = sub.add_parser("preview", help="show how samples are rendered, tokenized and masked",
+                             epilog=PREVIEW_EPILOG, formatter_class=fmt, description=(
+                                 "Render one sample with a conversation template, tokenize it with the model's "
+                                 "tokenizer and show which tokens are supervised (green) — the exact input_ids "
+                                 "and labels training uses, after <image> expansion and --max-length truncation."))
+    preview.add_argument("data", metavar="DATA", help="LLaVA data file: .json (a list) or .jsonl")
+    preview.add_argument("--model", metavar="MODEL_DIR", required=True,
+                         help="HF LLaVA model folder (its tokenizer and processor are used)")
+    preview.add_argument("--index", type=int, default=0, help="position of the sample in the file (default 0)")
+    preview.add_argument("--template", default=None, choices=sorted(TEMPLATES),
+                         help="conversation template (default: the model family's, see `data check --help`)")
+    preview.add_argument("--image-folder", metavar="DIR", default=None,
+                         help="folder the `image` paths are relative to (default: the data file's); "
+                              "any-resolution models (LLaVA-NeXT) count image tokens from the image's size")
+    preview.add_argument("--max-length", type=int, default=2048, metavar="N",
+                         help="truncate as training would (default 2048)")
+    preview.add_argument("--json", action="store_true",
+                         help="print {id, text, input_ids, labels, ...} instead of the highlighted text")
     preview.set_defaults(func=_preview)
 
 
@@ -162,10 +183,6 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from llava_cluster.data import preview
+    from llava_cluster.data.preview import run
 
-    parser = argparse.ArgumentParser(prog="llava-cluster data preview",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    preview.register(parser)
-    inner = parser.parse_args(args.rest)
-    return int(inner.func(inner) or 0)
+    return run(args)

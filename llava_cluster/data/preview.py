@@ -2,7 +2,8 @@
 
 The display is built from the encoded tokens (after image expansion and truncation), not from the
 template's text, so what is green is precisely what carries labels. "Loss is 0" and "the model
-learnt the prompt" bugs are visible here before any GPU time is spent.
+learnt the prompt" bugs are visible here before any GPU time is spent. The command's arguments are
+declared in `data/cli.py`.
 """
 
 from __future__ import annotations
@@ -12,40 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llava_cluster.data.templates import TEMPLATES
 from llava_cluster.errors import UserError
 
-DESCRIPTION = ("Render one sample with a conversation template, tokenize it with the model's tokenizer "
-               "and show which tokens are supervised (green) — the exact input_ids and labels training "
-               "uses, after <image> expansion and --max-length truncation.")
-EPILOG = """\
-examples:
-  llava-cluster data preview train.json --model /models/llava-1.5-7b-hf --index 0
-  llava-cluster data preview train.jsonl --model tiny/model --index 12 --template chatml
-  llava-cluster data preview train.json --model tiny/model --index 3 --json | jq '.labels'
-"""
-
 STYLES = {"prompt": "", "reply": "bold green", "image": "magenta"}
-
-
-def register(parser: argparse.ArgumentParser) -> None:
-    parser.description = DESCRIPTION
-    parser.epilog = EPILOG
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("data", metavar="DATA", help="LLaVA data file: .json (a list) or .jsonl")
-    parser.add_argument("--model", metavar="MODEL_DIR", required=True,
-                        help="HF LLaVA model folder (its tokenizer and processor are used)")
-    parser.add_argument("--index", type=int, default=0, help="position of the sample in the file (default 0)")
-    parser.add_argument("--template", default=None, choices=sorted(TEMPLATES),
-                        help="conversation template (default: the model family's, see `data check --help`)")
-    parser.add_argument("--image-folder", metavar="DIR", default=None,
-                        help="folder the `image` paths are relative to (default: the data file's); any-resolution "
-                             "models (LLaVA-NeXT) count image tokens from the image's size")
-    parser.add_argument("--max-length", type=int, default=2048, metavar="N",
-                        help="truncate as training would (default 2048)")
-    parser.add_argument("--json", action="store_true",
-                        help="print {id, text, input_ids, labels, ...} instead of the highlighted text")
-    parser.set_defaults(func=run)
 
 
 def read_sample(path: str, index: int) -> dict:
