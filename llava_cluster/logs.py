@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 from llava_cluster.errors import UserError
-from llava_cluster.rundir import STAGES, RunDir
+from llava_cluster.rundir import FINISHED, STAGES, RunDir
 
-FINISHED = ("succeeded", "failed", "cancelled")
 POLL_SECONDS = 1.0
 
 

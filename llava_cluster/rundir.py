@@ -29,27 +29,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llava_cluster.launch.topology import is_rank0
+
 STAGES = ("train", "merge", "validate")
 STATUSES = ("pending", "running", "preempted", "succeeded", "failed", "cancelled")
+FINISHED = frozenset({"succeeded", "failed", "cancelled"})  # no job will change it unless resubmitted
+UNSUCCESSFUL = frozenset({"failed", "cancelled"})  # finished without the stage's output
+AWAITING_JOB = frozenset({"pending", "running"})  # a scheduler job is to move it on (or died without a word)
 COMPLETE_MARKER = "COMPLETE"
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a stage stopped on request after saving; run it again to resume
 STOP_FILE = "STOP"  # in train/: its presence asks every rank to checkpoint and stop
 HEARTBEAT_SECONDS = 60.0  # how often rank 0 of a running stage rewrites state/<stage>.heartbeat.json
 STALE_AFTER_SECONDS = 600.0  # no heartbeat for this long: the stage's process is taken for dead
-
-
-def global_rank() -> int:
-    """Global rank from the launcher's environment (torchrun, SLURM srun), 0 when not distributed. A
-    Kubeflow node parent has a node rank instead (RANK in a PyTorchJob, PET_NODE_RANK in a TrainJob):
-    node 0 hosts global rank 0."""
-    for var in ("RANK", "SLURM_PROCID", "PET_NODE_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
-def is_rank0() -> bool:
-    return global_rank() == 0
 
 
 def current_umask() -> int:

@@ -33,6 +33,13 @@ FAILED_EXIT = 1
 RECORDED_EXITS = {"succeeded": 0, "preempted": PREEMPTED_EXIT}
 
 
+def stage_argv(stage: str, run_dir: str | Path, spec_file: str | Path | None = None) -> list[str]:
+    """`stage <stage> --run-dir DIR [--spec FILE]`, what every launcher runs after its own llava-cluster
+    command (local, torchrun's ranks, SLURM tasks, the pods' entrypoint); `register` below reads it."""
+    argv = ["stage", stage, "--run-dir", str(run_dir)]
+    return argv + ["--spec", str(spec_file)] if spec_file is not None else argv
+
+
 def recorded_exit(run: RunDir, stage: str, code: int, attempts_before: int) -> int:
     """A stage's exit is its recorded result: once this attempt has recorded success (or a preemption
     with its checkpoint), a rank that crashes while tearing down does not turn it into a failure.
@@ -137,7 +144,7 @@ def _run_ranks_under_torchrun(run: RunDir, stage: str, launch: object) -> int:
     if getattr(launch, "node_rank", 0) == 0:
         clear_stale_stop(run.train_dir)
     # a group of its own: a terminal's Ctrl-C reaches us, not torchrun (whose agent would kill the ranks)
-    proc = subprocess.Popen(torchrun_argv(launch, ["stage", stage, "--run-dir", str(run.root)]),
+    proc = subprocess.Popen(torchrun_argv(launch, stage_argv(stage, run.root)),
                             env={**os.environ, STOP_CLEARED_ENV: "1"}, process_group=0, **child_dies_with_us())
     try:
         with on_ctrl_c(first=lambda: request_stop(run.train_dir, INTERRUPT_REASON), second=proc.kill):

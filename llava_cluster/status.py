@@ -18,7 +18,7 @@ from rich.table import Table
 from llava_cluster.console import console
 from llava_cluster.errors import UserError
 from llava_cluster.find_run import resolve_run_dir
-from llava_cluster.rundir import STAGES, STALE_AFTER_SECONDS, RunDir, StageState
+from llava_cluster.rundir import AWAITING_JOB, STAGES, STALE_AFTER_SECONDS, RunDir, StageState
 
 COLOURS = {"succeeded": "green", "running": "cyan", "pending": "white", "preempted": "yellow",
            "failed": "red", "cancelled": "magenta"}
@@ -45,7 +45,7 @@ def scheduler_notes(states: list) -> dict[str, str]:
     file itself; its end shows here."""
     from llava_cluster.launch.slurm import job_states
 
-    open_jobs = {s.stage: s.job_ids[-1] for s in states if s.status in ("pending", "running") and s.job_ids}
+    open_jobs = {s.stage: s.job_ids[-1] for s in states if s.status in AWAITING_JOB and s.job_ids}
     if not open_jobs:
         return {}
     try:

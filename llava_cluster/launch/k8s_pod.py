@@ -15,6 +15,7 @@ from typing import Any
 
 from llava_cluster import __version__
 from llava_cluster.spec import RunSpec
+from llava_cluster.stage import stage_argv
 
 SPEC_MOUNT = "/etc/llava-cluster"
 RUN_USER = 1000  # the `llava` user of docker/Dockerfile*
@@ -82,8 +83,9 @@ def container_security() -> dict[str, Any]:
 
 
 def stage_args(spec: RunSpec, stage: str) -> list[str]:
-    """Arguments for the image's entrypoint, which runs `llava-cluster stage <stage> ...`."""
-    return [stage, "--run-dir", str(spec.run_dir), "--spec", f"{SPEC_MOUNT}/spec.yaml"]
+    """Arguments for the image's entrypoint, which puts `llava-cluster stage` before them."""
+    _stage_command, *args = stage_argv(stage, spec.run_dir, f"{SPEC_MOUNT}/spec.yaml")
+    return args
 
 
 def _memory(slurm_mem: str) -> str | None:

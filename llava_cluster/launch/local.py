@@ -18,10 +18,11 @@ from llava_cluster.launch.interrupt import ABORTED_EXIT, on_ctrl_c
 from llava_cluster.launch.parent_death import child_dies_with_us
 from llava_cluster.rundir import PREEMPTED_EXIT, RunDir
 from llava_cluster.spec import RunSpec
+from llava_cluster.stage import record, recorded_exit, stage_argv
 
 
 def stage_command(run: RunDir, stage: str) -> list[str]:
-    return [sys.executable, "-m", "llava_cluster.cli", "stage", stage, "--run-dir", str(run.root)]
+    return [sys.executable, "-m", "llava_cluster.cli", *stage_argv(stage, run.root)]
 
 
 def submit(spec: RunSpec, stages: list[str], dry_run: bool) -> int:
@@ -36,8 +37,6 @@ def submit(spec: RunSpec, stages: list[str], dry_run: bool) -> int:
 
 
 def _run_stages(run: RunDir, stages: list[str], env: dict[str, str]) -> int:
-    from llava_cluster.stage import record, recorded_exit
-
     for i, stage in enumerate(stages):
         console.rule(f"[bold]{stage}")
         before = run.read_state(stage).attempts
@@ -75,8 +74,6 @@ def _run_child(run: RunDir, stage: str, env: dict[str, str]) -> int:
             proc.kill()
     if aborted:
         if run.read_state(stage).status == "running":
-            from llava_cluster.stage import record
-
             record(run.update_state, stage, status="cancelled", error=f"{stage} aborted (Ctrl-C); run it again")
         return ABORTED_EXIT
     return code

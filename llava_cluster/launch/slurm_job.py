@@ -27,7 +27,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_cluster.rundir import PREEMPTED_EXIT, RunDir, global_rank
+from llava_cluster.launch.topology import global_rank
+from llava_cluster.rundir import FINISHED, PREEMPTED_EXIT, RunDir
+from llava_cluster.stage import stage_argv
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 RECORD_WAIT_SECONDS = 60.0  # how long a non-zero rank that exited badly waits for rank 0 to record a result
@@ -82,7 +84,7 @@ class StageJob:
         if global_rank() != 0:
             raise StageFailed(f"stage {self.stage} exited with {_describe(code)} on rank {global_rank()}")
         state = run.read_state(self.stage)
-        if state.status in ("pending", "running", "preempted"):
+        if state.status not in FINISHED:
             self._fail(run, f"the stage process exited with {_describe(code)} before recording a result "
                             f"(job {job_id}; console output in {self.marker_folder})")
         self._cancel_downstream(run, job_id)
@@ -125,4 +127,4 @@ def _resume_hint(run: RunDir) -> str:
 
 def stage_command(python: str, stage: str, run_dir: str | Path) -> tuple[str, ...]:
     """The stage entry as argv; `python` is the command line of llava-cluster (may hold several words)."""
-    return (*shlex.split(python), "stage", stage, "--run-dir", str(run_dir))
+    return (*shlex.split(python), *stage_argv(stage, run_dir))

@@ -19,12 +19,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from llava_cluster.errors import UserError
 
 DEFAULT_PORT = 29500
 PYTORCHJOB_PORT = 23456  # the training operator's default master port
+# where a process finds its rank, first found wins: torchrun's (or a PyTorchJob pod's node rank), srun's,
+# a Kubeflow Trainer v2 pod's node rank
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "PET_NODE_RANK")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,22 @@ def first_slurm_host(nodelist: str) -> str:
 def slurm_port(job_id: str | None) -> int:
     """A port every node of one job derives alike, different between jobs sharing a node."""
     return DEFAULT_PORT + (int(job_id) % 20000 if job_id and job_id.isdigit() else 0)
+
+
+def global_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's global rank (torchrun's RANK, an srun task's SLURM_PROCID), 0 when not distributed.
+    A node parent has its node rank instead (RANK in a PyTorchJob, PET_NODE_RANK in a TrainJob,
+    SLURM_PROCID with one task per node): node 0 hosts global rank 0, so rank 0 is who writes."""
+    env = os.environ if env is None else env
+    for var in RANK_VARIABLES:
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return 0
+
+
+def is_rank0(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process writes the run directory's shared files (see global_rank)."""
+    return global_rank(env) == 0
 
 
 def rank_env(env: dict[str, str] | None = None) -> dict[str, str] | None:
