@@ -18,8 +18,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from llava_cluster.launch.k8s import PREEMPTED_EXIT, WAIT_FAILED_EXIT
 from llava_cluster.launch.k8s_pod import GANG_SCHEDULERS, QUEUE_LABEL
+from llava_cluster.launch.k8s_wait import WAIT_FAILED_EXIT, waiter_args
+from llava_cluster.rundir import PREEMPTED_EXIT
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
@@ -162,7 +163,8 @@ def assert_policy(docs: list[dict[str, Any]], spec: Any) -> None:
     for stage, upstream in (("merge", "train"), ("validate", "merge")):
         job = stages[stage]["spec"]
         (init,) = job["template"]["spec"]["initContainers"]
-        assert init["args"][:5] == ["python", "-m", "llava_cluster.launch.k8s", "wait", upstream]
+        assert init["args"] == waiter_args(upstream, spec.run_dir)
+        assert init["args"][:4] == ["python", "-m", "llava_cluster.launch.k8s_wait", upstream]
         assert {"action": "FailJob", "onExitCodes": {"containerName": init["name"], "operator": "In",
                                                      "values": [WAIT_FAILED_EXIT]}} in job["podFailurePolicy"]["rules"]
         assert job["template"]["spec"]["restartPolicy"] == "Never"

@@ -11,9 +11,9 @@
     validate   a batch/v1 Job with one GPU
 
 Kubernetes has no dependencies between Jobs, so merge and validate start with an init container
-(`python -m llava_cluster.launch.k8s wait ...`) that blocks until the previous stage's
-`state/<stage>.json` says succeeded. It exits 3 when that stage stays failed, and a podFailurePolicy
-turns exit 3 into a failed Job instead of a retry. While it waits, the pod holds its own requests:
+(launch/k8s_wait.py) that blocks until the previous stage's `state/<stage>.json` says succeeded. It
+exits 3 when that stage stays failed, and a podFailurePolicy turns exit 3 into a failed Job instead
+of a retry. While it waits, the pod holds its own requests:
 validate keeps one GPU reserved during training (submit validate later if that matters). The same
 ordering serves both APIs and stages submitted separately (`--stages merge`); a JobSet `dependsOn`
 would only order replicated Jobs inside the TrainJob's own runtime, whose torch plugin treats every
@@ -30,12 +30,10 @@ are not Kubernetes names.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
-import time
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
@@ -43,10 +41,10 @@ import yaml
 from llava_cluster.errors import UserError
 from llava_cluster.launch.k8s_pod import TRAIN_RESTARTS, k8s_name, meta, pod, queued, resources, stage_args
 from llava_cluster.launch.k8s_trainer import train_stage
-from llava_cluster.rundir import PREEMPTED_EXIT, RunDir
+from llava_cluster.launch.k8s_wait import WAIT_FAILED_EXIT, waiter_args
+from llava_cluster.rundir import PREEMPTED_EXIT
 from llava_cluster.spec import PATH_FIELDS, RunSpec
 
-WAIT_FAILED_EXIT = 3  # the init container's "upstream stage failed": fail the Job, do not retry
 FINISHED_TTL = 7 * 24 * 3600  # finished Jobs (and their logs) stay a week
 UPSTREAM = {"merge": "train", "validate": "merge"}
 
@@ -130,7 +128,7 @@ def _qlora_job(spec: RunSpec) -> dict[str, Any]:
 def _post_train_job(spec: RunSpec, stage: str) -> dict[str, Any]:
     upstream = UPSTREAM[stage]
     waiter = {"name": f"wait-for-{upstream}",
-              "args": ["python", "-m", "llava_cluster.launch.k8s", "wait", upstream, "--run-dir", str(spec.run_dir)],
+              "args": waiter_args(upstream, spec.run_dir),
               "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}}}
     gpus = 1 if stage == "validate" else 0
     container = {"name": stage, "args": stage_args(spec, stage),
@@ -223,56 +221,3 @@ def submit(spec: RunSpec, stages: list[str], dry_run: bool) -> int:
                   f"`kubectl get pods -n {spec.k8s.namespace} -l llava-cluster.io/run={spec.name}`",
                   highlight=False)
     return 0
-
-
-def wait_for_stage(run_dir: Path, stage: str, poll: float, grace: float) -> int:
-    """Block until `stage` succeeded (0). A failure is final (WAIT_FAILED_EXIT) only once it has
-    stood for `grace` seconds: a stale failure from an earlier submission, or a rank that its
-    restart policy restarts, turns the state back to running within that time."""
-    rd = RunDir(run_dir)
-    failed_since: float | None = None
-    seen: tuple[str, int] | None = None
-    while True:
-        try:
-            state = rd.read_state(stage)
-        except (OSError, ValueError):
-            state = None  # unreadable for a moment (shared file systems): look again
-        if state is not None:
-            if state.status == "succeeded":
-                print(f"{stage} succeeded", flush=True)
-                return 0
-            now = time.monotonic()
-            current = (state.status, state.attempts)
-            if state.status in ("failed", "cancelled"):
-                if current != seen:
-                    failed_since = now
-                    print(f"{stage} {state.status} (attempt {state.attempts}): waiting {grace:.0f}s for a "
-                          f"retry before giving up", flush=True)
-                elif failed_since is not None and now - failed_since >= grace:
-                    print(f"{stage} {state.status}: {state.error or 'no error recorded'}", file=sys.stderr)
-                    return WAIT_FAILED_EXIT
-            seen = current
-        time.sleep(poll)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m llava_cluster.launch.k8s",
-        description="Init-container helper of the merge and validate Jobs: wait until a stage of the "
-                    "run succeeded (exit 0), or fail (exit 3) when it stays failed.",
-        epilog="example:\n  python -m llava_cluster.launch.k8s wait train --run-dir /shared/runs/my-run",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    wait = sub.add_parser("wait", help="wait for a stage of a run to succeed")
-    wait.add_argument("stage", choices=("train", "merge", "validate"))
-    wait.add_argument("--run-dir", required=True, type=Path)
-    wait.add_argument("--poll", type=float, default=30.0, help="seconds between reads (default 30)")
-    wait.add_argument("--grace", type=float, default=1800.0,
-                      help="seconds a failure must stand before it is final (default 1800)")
-    args = parser.parse_args(argv)
-    return wait_for_stage(args.run_dir, args.stage, args.poll, args.grace)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
