@@ -14,22 +14,22 @@ from llava_cluster import __version__
 from llava_cluster.errors import UserError
 from llava_cluster.noise import VERBOSE_ENV, quiet
 
-# (command, module, one-line help[, registration function]). The module defines `register(parser)`
-# (or the named function) which adds arguments and sets `func=handler`; a handler takes the parsed
-# args and returns an exit code.
-COMMANDS: list[tuple[str, ...]] = [
+# (command, module, one-line help). Every module defines `register(parser)`, which adds the command's
+# arguments (a command group: its subcommands, each with its arguments) and sets `func=handler`; a
+# handler takes the parsed args, imports what does the work and returns an exit code. The module is the
+# one doing the work, or a group's `cli.py`.
+COMMANDS: list[tuple[str, str, str]] = [
     ("data", "llava_cluster.data.cli", "check, convert, summarise and preview LLaVA conversation data"),
     ("tiny", "llava_cluster.tiny.cli", "write a tiny random LLaVA model and a learnable synthetic dataset"),
     ("submit", "llava_cluster.submit", "run a spec's stages (train -> merge -> validate) locally, on SLURM or on k8s"),
     ("status", "llava_cluster.status", "show a run's stages: state, job ids, attempts, elapsed, failing log tail"),
-    ("train", "llava_cluster.submit", "train a spec on this machine (no merge/validate); re-run to resume",
-     "register_train"),
+    ("train", "llava_cluster.train_local", "train a spec on this machine (no merge/validate); re-run to resume"),
     ("merge", "llava_cluster.merge", "fold an adapter + projector into the base: a standard HF checkpoint"),
     ("validate", "llava_cluster.validate", "generate on held-out samples, score against references and the base"),
     ("demo", "llava_cluster.demo", "the whole pipeline on a tiny model, on this machine, in a few minutes"),
     ("stage", "llava_cluster.stage", "run one stage (train, merge, validate) of a run directory: what every job runs"),
     ("logs", "llava_cluster.logs", "print or follow a stage's log (--follow), or its SLURM job's console output"),
-    ("convert", "llava_cluster.convert_cli", "convert original-layout LLaVA checkpoints and LoRA outputs to HF LLaVA"),
+    ("convert", "llava_cluster.convert.cli", "convert original-layout LLaVA checkpoints and LoRA outputs to HF LLaVA"),
     ("plan", "llava_cluster.plan", "estimate per-GPU memory of a spec, the verdict for its GPUs and the largest batch"),
 ]
 
@@ -53,11 +53,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                         help="show the libraries' own messages (DeepSpeed, torchrun, bitsandbytes, transformers)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None)
-    for name, module, help_text, *hook in COMMANDS:
+    for name, module, help_text in COMMANDS:
         cmd = sub.add_parser(name, help=help_text, description=help_text,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == wanted:
-            getattr(importlib.import_module(module), hook[0] if hook else "register")(cmd)
+            importlib.import_module(module).register(cmd)
     return parser
 
 

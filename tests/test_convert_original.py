@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from llava_cluster.cli import main
+from llava_cluster.convert.original import convert_original, is_original_layout
 from llava_cluster.errors import UserError
-from llava_cluster.model.convert_original import convert_original, is_original_layout
 
 ORIGINAL_MM_KEYS = {
     "mm_vision_tower": "openai/clip-vit-large-patch14-336",

@@ -76,8 +76,8 @@ def _show(report: dict, as_json: bool, title: str) -> None:
 
 
 def run_original(args: argparse.Namespace) -> int:
+    from llava_cluster.convert.original import convert_original
     from llava_cluster.errors import UserError
-    from llava_cluster.model.convert_original import convert_original
 
     if args.pad_vocab_to < 1:
         raise UserError(f"--pad-vocab-to must be >= 1, got {args.pad_vocab_to}")
@@ -88,7 +88,7 @@ def run_original(args: argparse.Namespace) -> int:
 
 
 def run_adapter(args: argparse.Namespace) -> int:
-    from llava_cluster.model.convert_original import convert_adapter
+    from llava_cluster.convert.adapter import convert_adapter
 
     report = convert_adapter(args.src, args.base, args.out, allow_pickle=args.allow_pickle, template=args.template)
     _show(report, args.json, f"converted adapter {args.src} -> {args.out}")
