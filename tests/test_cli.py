@@ -94,6 +94,34 @@ def test_every_help_example_parses_as_written(example):
     assert callable(args.func), example
 
 
+def test_every_help_is_fast_it_imports_neither_torch_nor_transformers():
+    """Each command module registers at import: heavy libraries belong in the handlers, run after parsing."""
+    import subprocess
+    import sys
+
+    probe = """
+import sys
+from llava_cluster.cli import COMMANDS, build_parser, main
+helps = []
+for name, *_ in COMMANDS:
+    helps.append([name])
+    command = build_parser([name])._subparsers._group_actions[0].choices[name]
+    for action in command._subparsers._group_actions if command._subparsers else ():
+        helps += [[name, sub] for sub in action.choices]
+for argv in helps:
+    try:
+        main([*argv, "--help"])
+    except SystemExit:
+        pass
+print(len(helps), [m for m in ("torch", "transformers", "peft", "deepspeed") if m in sys.modules])
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    count, heavy = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert heavy == "[]"
+    assert int(count) >= 12 + 4 + 2  # every command, data's 4 and convert's 2 subcommands
+
+
 def test_verbose_reaches_the_child_processes_through_the_environment(tmp_path, monkeypatch):
     import os
 
