@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_cluster.errors import UserError
+from llava_cluster.precision import ELEMENT_BYTES
 
 GIB = 1024**3
 # Memory a process can allocate (GiB, as nvidia-smi reports the card's total).
@@ -194,7 +195,7 @@ def _layer_activation_bytes(shape: ModelShape, setup: Setup, act: int) -> float:
 
 def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     """Per-GPU memory of one training micro-step at its peak (end of forward / start of backward)."""
-    act = {"bf16": 2, "fp16": 2, "fp32": 4}[setup.precision]
+    act = ELEMENT_BYTES[setup.precision]
     world = max(setup.world, 1)
     qlora = setup.method == "qlora"
 
@@ -262,28 +263,17 @@ def largest_batch(shape: ModelShape, setup: Setup, gpu_gib: float, limit: int = 
     return best
 
 
-def _zero_of(deepspeed: str) -> tuple[int, bool]:
-    if deepspeed == "zero2":
-        return 2, False
-    if deepspeed in ("zero3", "zero3_offload"):
-        return 3, deepspeed == "zero3_offload"
-    path = Path(deepspeed)
-    try:
-        zero = json.loads(path.read_text()).get("zero_optimization", {})
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"training.deepspeed: cannot read {path}: {err}") from None
-    offload = any(str(zero.get(k, {}).get("device", "none")) != "none" for k in ("offload_optimizer", "offload_param"))
-    return int(zero.get("stage", 0)), offload
-
-
 def setup_from_spec(spec: Any) -> Setup:
+    """The spec's choices; the ZeRO stage and offload are those of its DeepSpeed setup, overrides included."""
+    from llava_cluster.spec import deepspeed_setup
+
     targets = tuple(m for m in LORA_MODULES if re.search(rf"\b{m}\b", spec.lora.target_modules))
-    zero, offload = _zero_of(spec.training.deepspeed)
+    deepspeed = deepspeed_setup(spec.training)
     return Setup(
         method=spec.method, r=spec.lora.r, dropout=spec.lora.dropout, targets=targets or LORA_MODULES,
         batch=spec.optim.per_device_batch, max_length=spec.data.max_length,
         checkpointing=spec.training.gradient_checkpointing, precision=spec.training.precision,
-        zero=zero, offload=offload, world=spec.world_size, grad_accum=spec.optim.grad_accum,
+        zero=deepspeed.stage, offload=deepspeed.offload, world=spec.world_size, grad_accum=spec.optim.grad_accum,
     )
 
 

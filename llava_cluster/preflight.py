@@ -21,7 +21,7 @@ from pathlib import Path
 
 from llava_cluster.errors import UserError
 from llava_cluster.model.family import FAMILIES
-from llava_cluster.spec import RunSpec
+from llava_cluster.spec import RunSpec, deepspeed_setup
 
 # model_type -> the architecture llava-cluster trains; the only bases the product accepts (model/family.py).
 SUPPORTED_MODELS = {t: f.model_class for t, f in FAMILIES.items()}
@@ -112,7 +112,7 @@ def _problems_of_data(key: str, path: str, image_folder: str | None) -> list[str
 
 def _problems_of_run_name(spec: RunSpec) -> list[str]:
     from llava_cluster.rundir import RunDir
-    from llava_cluster.submit import frozen_spec_conflict
+    from llava_cluster.spec.frozen import frozen_spec_conflict
 
     conflict = frozen_spec_conflict(spec, RunDir(spec.run_dir))
     return [f"name: {conflict}"] if conflict else []
@@ -122,8 +122,10 @@ def _problems_of_inputs(spec: RunSpec) -> list[str]:
     problems = []
     if spec.data.image_folder and not Path(spec.data.image_folder).is_dir():
         problems.append(f"data.image_folder: folder not found: {spec.data.image_folder}")
-    if spec.training.deepspeed.endswith(".json") and not Path(spec.training.deepspeed).is_file():
-        problems.append(f"training.deepspeed: file not found: {spec.training.deepspeed}")
+    try:
+        deepspeed_setup(spec.training)
+    except UserError as err:
+        problems.append(err.message)
     return problems
 
 

@@ -9,35 +9,13 @@ import importlib
 from pathlib import Path
 
 from llava_cluster.console import console, err_console
-from llava_cluster.errors import UserError
 from llava_cluster.preflight import preflight
-from llava_cluster.rundir import STAGES, RunDir, atomic_write_text, is_rank0
+from llava_cluster.rundir import STAGES, RunDir
 from llava_cluster.spec import RunSpec, load_spec
+from llava_cluster.spec.frozen import freeze
 
 BACKENDS = {"local": "llava_cluster.launch.local", "slurm": "llava_cluster.launch.slurm",
             "k8s": "llava_cluster.launch.k8s"}
-
-
-def frozen_spec_conflict(spec: RunSpec, run: RunDir) -> str | None:
-    """Why `spec` cannot be frozen into `run` (a different spec is there already), or None."""
-    if not run.spec_path.exists():
-        return None
-    frozen = load_spec(run.spec_path)
-    if frozen.digest() == spec.digest():
-        return None
-    old, new = frozen.to_dict(), spec.to_dict()
-    changed = sorted(k for k in new if old.get(k) != new.get(k))
-    return (f"{run.root} already holds run {spec.name!r} with a different spec (sections differing: "
-            f"{', '.join(changed)}); pick a new name, or delete that run directory to start over")
-
-
-def freeze(spec: RunSpec, run: RunDir) -> None:
-    """Write spec.yaml once; a different spec under the same run name is refused, not overwritten."""
-    conflict = frozen_spec_conflict(spec, run)
-    if conflict:
-        raise UserError(conflict)
-    if not run.spec_path.exists() and is_rank0():
-        atomic_write_text(run.spec_path, spec.to_yaml())
 
 
 def pending_stages(spec: RunSpec, run: RunDir) -> list[str]:

@@ -39,3 +39,18 @@ def test_qlora_trainables_are_in_the_compute_dtype_after_kbit_preparation(tiny_d
     trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any("multi_modal_projector" in n for n in trainable)
     assert set(trainable.values()) == {torch.bfloat16}, trainable
+
+
+@pytest.mark.parametrize("deepspeed, stage, device_map", [("zero3", 2, {"": 3}), ("zero2", 3, None), ("zero2", 2, {"": 3})])
+def test_qlora_places_each_ranks_model_unless_the_stage_the_spec_resolves_to_is_zero3(
+        monkeypatch, tiny_dir, tmp_path, deepspeed, stage, device_map):
+    """The stage counts with deepspeed_overrides: ZeRO-3 partitions the weights as they load (no device_map)."""
+    from llava_cluster.train.model_setup import qlora_device_map
+
+    spec = RunSpec.model_validate({
+        "name": "setup", "storage": str(tmp_path), "method": "qlora",
+        "model": {"base": str(tiny_dir.model)}, "data": {"train": str(tiny_dir.train)},
+        "training": {"deepspeed": deepspeed, "deepspeed_overrides": {"zero_optimization": {"stage": stage}}},
+    })
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert qlora_device_map(spec, local_rank=3) == device_map

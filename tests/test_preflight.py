@@ -138,7 +138,7 @@ def test_dry_run_fails_exactly_when_the_real_submit_would(tmp_path, tiny_dir, ca
     path = write_spec(tmp_path, tiny_dir)
     assert main(["submit", str(path), "--backend", "slurm", "--dry-run"]) == 0
     from llava_cluster.rundir import RunDir
-    from llava_cluster.submit import freeze
+    from llava_cluster.spec.frozen import freeze
 
     spec = load_spec(path)
     freeze(spec, RunDir(spec.run_dir))
@@ -153,7 +153,7 @@ def test_dry_run_fails_exactly_when_the_real_submit_would(tmp_path, tiny_dir, ca
 def test_train_stage_refuses_before_starting_its_ranks_and_records_why(tmp_path, tiny_dir):
     """The base was swapped after submit: the stage stops in seconds, not under a torchrun traceback."""
     from llava_cluster.rundir import RunDir
-    from llava_cluster.submit import freeze
+    from llava_cluster.spec.frozen import freeze
 
     base = model_copy(tmp_path, tiny_dir)
     spec = load_spec(write_spec(tmp_path, tiny_dir, model={"base": str(base)}, resources={"gpus_per_node": 2}))
@@ -167,3 +167,10 @@ def test_train_stage_refuses_before_starting_its_ranks_and_records_why(tmp_path,
     assert "Traceback" not in proc.stderr and "torch.distributed" not in proc.stderr
     state = run.read_state("train")
     assert state.status == "failed" and "llava_next" in state.error
+
+
+def test_a_deepspeed_json_missing_here_is_a_preflight_problem(tmp_path, tiny_dir):
+    """The spec loads (on Kubernetes the JSON may be on the cluster's volume only); submit refuses."""
+    missing = tmp_path / "ds.json"
+    found = problems(load_spec(write_spec(tmp_path, tiny_dir, training={"deepspeed": str(missing)})))
+    assert found == [f"training.deepspeed: file not found: {missing}"]

@@ -166,3 +166,38 @@ def test_ctrl_c_at_the_node_parent_becomes_the_stop_file_and_the_ranks_carry_on(
     ranks_that(monkeypatch, CTRL_C_AT_THE_NODE_PARENT)
     assert _run_ranks_under_torchrun(run, "train", topology.node_launch(2)) == 75
     assert interrupted(run.train_dir) and run.read_state("train").status == "preempted"
+
+
+def test_stage_spec_freeze_non_rank0_waits_for_rank0(tmp_path, monkeypatch):
+    """Pods of a PyTorchJob start together: a worker must wait for rank 0's spec.yaml, not fail."""
+    import threading
+
+    from test_spec_load import write
+
+    from llava_cluster.errors import UserError
+    from llava_cluster.spec import load_spec
+    from llava_cluster.stage import freeze_spec
+
+    spec_file = write(tmp_path)
+    run = RunDir(tmp_path / "runs" / "r1")
+    monkeypatch.setenv("RANK", "1")
+    result: list[BaseException | None] = []
+
+    def worker() -> None:
+        try:
+            freeze_spec(run, spec_file, wait_seconds=30)
+            result.append(None)
+        except BaseException as err:  # reported below
+            result.append(err)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    time.sleep(1.5)
+    assert not result, "the worker gave up before rank 0 wrote the spec"
+    run.spec_path.parent.mkdir(parents=True)
+    run.spec_path.write_text(load_spec(spec_file).to_yaml())
+    thread.join(timeout=10)
+    assert result == [None]
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match="different spec"):
+        freeze_spec(run, write(tmp_path, name="r1", method="qlora", training={"deepspeed": "zero2"}))

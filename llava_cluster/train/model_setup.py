@@ -9,13 +9,10 @@ from typing import Any
 import torch
 
 from llava_cluster.model.family import FAMILIES
-from llava_cluster.spec import RunSpec
+from llava_cluster.precision import torch_dtype
+from llava_cluster.spec import RunSpec, deepspeed_setup
 
 PROJECTOR = "multi_modal_projector"  # the optimizer group at the projector learning rate
-
-
-def compute_dtype(spec: RunSpec) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.training.precision]
 
 
 def hold_trainables_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -37,12 +34,12 @@ def hold_trainables_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def qlora_device_map(spec: RunSpec, local_rank: int) -> dict[str, Any] | None:
-    """Each rank holds its own 4-bit copy on its GPU; ZeRO-3 rejects a device_map, so none there."""
+    """Each rank holds its own 4-bit copy on its GPU, unless the DeepSpeed setup rules a device_map out."""
     if not torch.cuda.is_available():
         return None
     wanted = spec.training.device_map
     if wanted is None:
-        wanted = not spec.training.deepspeed.startswith("zero3")
+        wanted = deepspeed_setup(spec.training).allows_device_map
     return {"": local_rank} if wanted else None
 
 
@@ -53,7 +50,7 @@ def build_model(spec: RunSpec, local_rank: int = 0) -> torch.nn.Module:
 
     from llava_cluster.model.load import load_llava
 
-    dtype = compute_dtype(spec)
+    dtype = torch_dtype(spec.training.precision)
     if spec.method == "qlora":
         model = load_llava(
             spec.model.base, dtype=dtype, load_in_4bit=True, compute_dtype=dtype,
@@ -93,7 +90,7 @@ def wrap_for_training(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
             param.requires_grad_(True)
         elif family.vision in name:
             param.requires_grad_(False)
-    hold_trainables_in(model, compute_dtype(spec))
+    hold_trainables_in(model, torch_dtype(spec.training.precision))
     return model
 
 

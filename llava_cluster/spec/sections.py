@@ -1,9 +1,5 @@
-"""RunSpec: the one input of a run. Loaded from YAML, overridden with `key=value`, validated with
-messages that say what to change, then frozen into the run directory as `spec.yaml`.
-
-Relative paths in a spec are resolved against the directory the command runs from, and frozen as
-absolute paths: every node of a cluster must see them at the same place (shared storage).
-"""
+"""The sections of a run spec and the rules between them (`RunSpec` validates a whole spec; loading,
+overrides and error messages are in `spec/load.py`)."""
 
 from __future__ import annotations
 
@@ -11,95 +7,35 @@ import hashlib
 import json
 import re
 import shlex
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from yaml.composer import ComposerError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llava_cluster.errors import UserError
+from llava_cluster.precision import Precision
+from llava_cluster.spec.deepspeed import DEEPSPEED_PRESETS, deepspeed_section_refused, visible_deepspeed_setup
+from llava_cluster.spec.text import (
+    ENV_KEY,
+    K8S_LABEL,
+    K8S_NAME,
+    K8S_QUANTITY,
+    NO_SPACES,
+    SBATCH_OPTION,
+    SECRET_HINT,
+    SLURM_MEM,
+    SLURM_NAME,
+    SLURM_NAMES,
+    SLURM_TIME,
+    control_characters,
+    looks_secret,
+    must_match,
+)
 
 # The language model's projections only: CLIP's vision layers use the same q/k/v names.
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
-
-# What strings of a spec may contain. Spec values reach batch scripts, manifests and the environment
-# of every rank: a newline ends an `#SBATCH` comment line (quoting cannot help), so none may hold a
-# control character, and the SLURM values must have SLURM's own syntax.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")  # M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
-_SLURM_MEM = re.compile(r"\d+[KMGTkmgt]?")
-_SLURM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-_SBATCH_OPTION = re.compile(r"--[A-Za-z][A-Za-z0-9-]*(=.*)?")
-_K8S_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # DNS-1123 label: namespaces
-_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # DNS-1123 subdomain: object names
-_K8S_QUANTITY = re.compile(r"\d+(\.\d+)?([KMGTPE]i|[kMGTPE])?")
-
-# Secrets must not be written into a spec: it is stored in clear (spec.yaml, the ConfigMap, the sbatch
-# script, pod env). A key ending like a secret's name, or a value shaped like a known token.
-_SECRET_KEY = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIALS?)$|PASSWORD|SECRET", re.IGNORECASE)
-_SECRET_VALUE = re.compile(r"(?<![A-Za-z0-9])(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}"
-                           r"|sk-[\w-]{20,}|AKIA[0-9A-Z]{16}|xox[abprs]-[\w-]{10,})")
-_FLAG_VALUES = {"", "0", "1", "true", "false", "yes", "no", "on", "off"}
-SECRET_HINT = (
-    "a spec is stored in clear (spec.yaml in the run directory, the Kubernetes ConfigMap and pod env, the "
-    "sbatch script), so keep secrets out of it: on Kubernetes create a Secret with key HF_TOKEN and name it "
-    "in k8s.hub_token_secret; on SLURM (and locally) export it in the shell you submit from, which sbatch "
-    "passes to every job, or keep it in a file only you can read (e.g. HF_TOKEN_PATH=~/.cache/huggingface/token)"
-)
-
-# DeepSpeed config sections we build ourselves from the spec: the one rule for overrides and user JSON.
-DEEPSPEED_OWN_SECTIONS = ("optimizer", "scheduler")
-
-MAX_SPEC_BYTES = 1 << 20
-MAX_SPEC_DEPTH = 32
-
-
-def deepspeed_section_refused(config: Mapping[str, Any]) -> str | None:
-    """Why a DeepSpeed config (preset + user JSON + overrides) cannot be used, or None. An optimizer or
-    scheduler section of its own would silently replace the projector learning rate and our schedule."""
-    for section in DEEPSPEED_OWN_SECTIONS:
-        if section in config:
-            return (f"defines its own '{section}', which would silently replace the projector learning rate and "
-                    "the optim.scheduler schedule; remove that section (llava-cluster builds both from the "
-                    "spec's optim: settings)")
-    return None
-
-
-def looks_secret(key: str, value: str) -> bool:
-    """An env entry that holds a credential (by its name, unless a plain flag, or by its value's shape)."""
-    named = bool(_SECRET_KEY.search(key)) and value.strip().lower() not in _FLAG_VALUES
-    return named or bool(_SECRET_VALUE.search(value))
-
-
-def _control_characters(value: Any, where: str) -> list[str]:
-    """`field: message` for every string (keys included) in a raw spec that holds a control character."""
-    found: list[str] = []
-    if isinstance(value, str):
-        match = _CONTROL.search(value)
-        if match:
-            found.append(f"{where or '(top level)'}: contains the control character {match.group()!r}; "
-                         "spec values must be single-line printable text")
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            name = str(key)
-            if _CONTROL.search(name):
-                found.append(f"{where or '(top level)'}: the key {name!r} contains a control character")
-                name = repr(name)
-            found += _control_characters(item, f"{where}.{name}" if where else name)
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            found += _control_characters(item, f"{where}[{i}]")
-    return found
-
-
-def _must_match(pattern: re.Pattern[str], value: str | None, what: str) -> str | None:
-    if value is not None and not pattern.fullmatch(value):
-        raise ValueError(f"{value!r} is not {what}")
-    return value
+PATH_FIELDS = ("storage", "model.base", "data.train", "data.eval", "data.image_folder")
 
 
 class _Section(BaseModel):
@@ -164,7 +100,7 @@ class TrainingSpec(_Section):
     deepspeed_overrides: dict[str, Any] = Field(
         default_factory=dict, description="deep-merged into the DeepSpeed config, e.g. {zero_optimization: {...}}"
     )
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Precision = "bf16"
     gradient_checkpointing: bool = True
     save_steps: int = Field(500, ge=1)
     save_total_limit: int | None = Field(3, ge=1)
@@ -205,15 +141,10 @@ class ResourcesSpec(_Section):
         """`mem: 0` and `time: 90` are YAML integers; SLURM reads them as text."""
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
-    @field_validator("mem")
-    @classmethod
-    def _slurm_mem(cls, value: str) -> str:
-        return _must_match(_SLURM_MEM, value, "a SLURM memory size (0 = all of the node, 64G, 500000M, 2T)")
-
-    @field_validator("time")
-    @classmethod
-    def _slurm_time(cls, value: str) -> str:
-        return _must_match(SLURM_TIME, value, "a SLURM time (e.g. 90, 04:00:00, 2-00:00:00)")
+    _syntax = must_match({
+        "mem": (SLURM_MEM, "a SLURM memory size (0 = all of the node, 64G, 500000M, 2T)"),
+        "time": (SLURM_TIME, "a SLURM time (e.g. 90, 04:00:00, 2-00:00:00)"),
+    })
 
 
 class ContainerSpec(_Section):
@@ -249,24 +180,11 @@ class SlurmSpec(_Section):
                           "runs the job's worker, `<python> -m llava_cluster.cli`: the submitting venv's, or the "
                           "container's python3)")
 
-    @field_validator("partition")
-    @classmethod
-    def _partitions(cls, value: str | None) -> str | None:
-        if value is not None and not all(_SLURM_NAME.fullmatch(p) for p in value.split(",")):
-            raise ValueError(f"{value!r} is not a SLURM partition name (or a comma-separated list of them)")
-        return value
-
-    @field_validator("account", "qos")
-    @classmethod
-    def _slurm_name(cls, value: str | None) -> str | None:
-        return _must_match(_SLURM_NAME, value, "a SLURM name (letters, digits, _ . -)")
-
-    @field_validator("extra_sbatch")
-    @classmethod
-    def _long_options(cls, value: list[str]) -> list[str]:
-        for option in value:
-            _must_match(_SBATCH_OPTION, option, "a long sbatch option like --constraint=h100 or --exclusive")
-        return value
+    _syntax = must_match({
+        "partition": (SLURM_NAMES, "a SLURM partition name (or a comma-separated list of them)"),
+        **dict.fromkeys(("account", "qos"), (SLURM_NAME, "a SLURM name (letters, digits, _ . -)")),
+        "extra_sbatch": (SBATCH_OPTION, "a long sbatch option like --constraint=h100 or --exclusive"),
+    })
 
     @field_validator("python")
     @classmethod
@@ -301,30 +219,14 @@ class K8sSpec(_Section):
     runtime_ref: str | None = Field(
         None, description="trainer-v2: a ClusterTrainingRuntime the admin installed, instead of our own runtime")
 
-    @field_validator("namespace")
-    @classmethod
-    def _label(cls, value: str) -> str:
-        return _must_match(_K8S_LABEL, value, "a Kubernetes namespace (lower-case letters, digits and -)")
-
-    @field_validator("queue")
-    @classmethod
-    def _queue(cls, value: str | None) -> str | None:
-        return _must_match(_K8S_LABEL, value, "a Kueue LocalQueue name (lower-case letters, digits and -)")
-
-    @field_validator("claim", "storage_class", "hub_token_secret", "service_account", "priority_class", "runtime_ref")
-    @classmethod
-    def _object_name(cls, value: str | None) -> str | None:
-        return _must_match(_K8S_NAME, value, "a Kubernetes object name (lower-case letters, digits, - and .)")
-
-    @field_validator("storage_size", "shm_size")
-    @classmethod
-    def _quantity(cls, value: str) -> str:
-        return _must_match(_K8S_QUANTITY, value, "a Kubernetes quantity (e.g. 64Gi, 500Gi, 1Ti)")
-
-    @field_validator("image")
-    @classmethod
-    def _image(cls, value: str) -> str:
-        return _must_match(re.compile(r"\S+"), value, "a container image reference (no spaces)")
+    _syntax = must_match({
+        "namespace": (K8S_LABEL, "a Kubernetes namespace (lower-case letters, digits and -)"),
+        "queue": (K8S_LABEL, "a Kueue LocalQueue name (lower-case letters, digits and -)"),
+        **dict.fromkeys(("claim", "storage_class", "hub_token_secret", "service_account", "priority_class",
+                         "runtime_ref"), (K8S_NAME, "a Kubernetes object name (lower-case letters, digits, - and .)")),
+        **dict.fromkeys(("storage_size", "shm_size"), (K8S_QUANTITY, "a Kubernetes quantity (e.g. 64Gi, 500Gi, 1Ti)")),
+        "image": (NO_SPACES, "a container image reference (no spaces)"),
+    })
 
     @field_validator("mount_path")
     @classmethod
@@ -350,7 +252,7 @@ class K8sSpec(_Section):
 class MergeSpec(_Section):
     into: Literal["base", "dequantized"] = "base"
     verify: bool = True
-    dtype: Literal["bf16", "fp16", "fp32"] | None = Field(None, description="merged weights (default: the base's)")
+    dtype: Precision | None = Field(None, description="merged weights (default: the base's)")
     checkpoint: Literal["final", "best"] = Field(
         "final", description="merge train/final, or the checkpoint with the lowest held-out eval loss")
 
@@ -383,7 +285,7 @@ class RunSpec(_Section):
     @model_validator(mode="before")
     @classmethod
     def _printable(cls, data: Any) -> Any:
-        problems = _control_characters(data, "")
+        problems = control_characters(data, "")
         if problems:
             raise ValueError("\n  ".join(problems))
         return data
@@ -406,8 +308,12 @@ class RunSpec(_Section):
             raise ValueError(
                 f"training.deepspeed: {ds!r} is neither a preset ({', '.join(DEEPSPEED_PRESETS)}) nor a .json path"
             )
+        try:
+            deepspeed = visible_deepspeed_setup(self.training)
+        except UserError as err:
+            raise ValueError(err.message) from None
         if self.method == "qlora":
-            if ds.startswith("zero3") and self.training.device_map is True:
+            if deepspeed and not deepspeed.allows_device_map and self.training.device_map is True:
                 raise ValueError(
                     "QLoRA with training.device_map=true cannot run under ZeRO-3 (DeepSpeed rejects a "
                     "device_map). Set training.deepspeed=zero2 (recommended) or training.device_map=false."
@@ -450,127 +356,3 @@ class RunSpec(_Section):
         canonical = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(canonical).hexdigest()[:16]
 
-
-PATH_FIELDS = ("storage", "model.base", "data.train", "data.eval", "data.image_folder")
-
-
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b.c=value` override; the value is parsed as YAML (numbers, booleans, lists)."""
-    if "=" not in assignment:
-        raise UserError(f"override {assignment!r} is not key=value (e.g. optim.lr=1e-4)")
-    key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise UserError(f"override {key!r}: {part!r} is not a section")
-    node[parts[-1]] = parse_yaml(raw, f"override {assignment!r}") if raw.strip() else None
-
-
-class _SpecLoader(yaml.SafeLoader):
-    """safe_load without aliases (a billion-laughs block expands exponentially when the spec is
-    validated, dumped and hashed) and with a bounded nesting depth (the composer recurses)."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            raise ComposerError(None, None, "YAML aliases (*name) are not allowed in a run spec; write the "
-                                "values out", self.peek_event().start_mark)
-        depth = self._depth + 1
-        if depth > MAX_SPEC_DEPTH:
-            raise ComposerError(None, None, f"nested deeper than {MAX_SPEC_DEPTH} levels",
-                                self.peek_event().start_mark)
-        self._depth = depth
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth = depth - 1
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """YAML of a spec or an override value: plain data only, bounded; every failure a UserError."""
-    try:
-        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader
-    except yaml.YAMLError as err:
-        raise UserError(f"{source}: not valid YAML for a run spec (plain mappings, lists and scalars; no "
-                        f"!!python or other tags): {err}") from None
-
-
-def _keys_at(loc: tuple[Any, ...]) -> list[str]:
-    """The keys a spec section accepts, for a did-you-mean on an unknown one."""
-    model: Any = RunSpec
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
-
-
-def _format_errors(source: str, err: ValidationError, overrides: dict[str, str]) -> str:
-    """One line per problem: where, what, the value given, and whether it came from the command line."""
-    import difflib
-
-    lines = [f"{source}: the run spec is not valid:"]
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(e["loc"][-1]), _keys_at(e["loc"][:-1]), n=1)
-            msg = f"unknown key; did you mean {'.'.join([*map(str, e['loc'][:-1]), close[0]])!r}?" if close \
-                else "unknown key (typo?)"
-        elif e["type"] == "missing":
-            msg = "required, missing"
-        elif not isinstance(e.get("input"), dict | list):
-            msg += f" (got {str(e['input'])[:60]!r})"
-        if where in overrides:
-            msg += f" [from the command line: {overrides[where]}]"
-        lines.append(f"  {where}: {msg}" if e["loc"] else f"  {msg}")
-    return "\n".join(lines)
-
-
-def spec_from_dict(data: dict[str, Any], source: str = "spec", base_dir: Path | None = None,
-                   overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
-    try:
-        spec = RunSpec.model_validate(data)
-    except ValidationError as err:
-        given = {a.split("=", 1)[0].strip(): a for a in overrides}
-        raise UserError(_format_errors(source, err, given)) from None
-    return _absolute_paths(spec, base_dir or Path.cwd())
-
-
-def _absolute_paths(spec: RunSpec, base: Path) -> RunSpec:
-    for dotted in PATH_FIELDS:
-        section, _, attr = dotted.rpartition(".")
-        owner = getattr(spec, section) if section else spec
-        value = getattr(owner, attr)
-        if value and "://" not in value:
-            setattr(owner, attr, str((base / Path(value).expanduser()).resolve()))
-    if spec.training.deepspeed.endswith(".json"):
-        spec.training.deepspeed = str((base / spec.training.deepspeed).resolve())
-    return spec
-
-
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
-    """Read a YAML spec (or a frozen spec.yaml), apply overrides, validate, absolutise paths."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"run spec not found: {path}")
-    size = path.stat().st_size
-    if size > MAX_SPEC_BYTES:
-        raise UserError(f"{path}: {size} bytes is too large for a run spec (at most {MAX_SPEC_BYTES})")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err})") from None
-    data = parse_yaml(text, str(path))
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a run spec is a YAML mapping (name:, storage:, model:, data:, ...)")
-    for assignment in overrides:
-        apply_override(data, assignment)
-    return spec_from_dict(data, source=str(path), overrides=overrides)
