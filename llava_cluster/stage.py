@@ -5,6 +5,7 @@ writes the stage's log to `logs/<stage>.log` (tracebacks of unexpected errors go
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -15,7 +16,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llava_cluster.errors import UserError
 from llava_cluster.launch.interrupt import (
@@ -29,8 +30,14 @@ from llava_cluster.launch.interrupt import (
 from llava_cluster.launch.parent_death import child_dies_with_us, end_with_torchrun
 from llava_cluster.rundir import HEARTBEAT_SECONDS, PREEMPTED_EXIT, STAGES, RunDir, is_rank0
 
+if TYPE_CHECKING:
+    from llava_cluster.spec import RunSpec
+
 FAILED_EXIT = 1
 RECORDED_EXITS = {"succeeded": 0, "preempted": PREEMPTED_EXIT}
+# set by a node parent for the ranks it starts: it has checked the run's inputs, they need not scan them again
+INPUTS_CHECKED_ENV = "LLAVA_CLUSTER_INPUTS_CHECKED"
+INPUTS_CHECKED = "preflight passed: model, tokenizer and data checked before the ranks start"
 
 
 def stage_argv(stage: str, run_dir: str | Path, spec_file: str | Path | None = None) -> list[str]:
@@ -145,7 +152,8 @@ def _run_ranks_under_torchrun(run: RunDir, stage: str, launch: object) -> int:
         clear_stale_stop(run.train_dir)
     # a group of its own: a terminal's Ctrl-C reaches us, not torchrun (whose agent would kill the ranks)
     proc = subprocess.Popen(torchrun_argv(launch, stage_argv(stage, run.root)),
-                            env={**os.environ, STOP_CLEARED_ENV: "1"}, process_group=0, **child_dies_with_us())
+                            env={**os.environ, STOP_CLEARED_ENV: "1", INPUTS_CHECKED_ENV: "1"}, process_group=0,
+                            **child_dies_with_us())
     try:
         with on_ctrl_c(first=lambda: request_stop(run.train_dir, INTERRUPT_REASON), second=proc.kill):
             code = proc.wait()  # PEP 475: a handled signal does not interrupt the wait
@@ -163,6 +171,25 @@ def _run_ranks_under_torchrun(run: RunDir, stage: str, launch: object) -> int:
         else:
             record(run.mark_done, stage, error=f"ranks exited with code {code} before recording a result")
     return result
+
+
+def _check_inputs(run: RunDir, spec: RunSpec) -> None:
+    """The train stage's preflight, once per node: by the node parent before torchrun starts its ranks
+    (they skip it: a full data scan each would say nothing new), or by a process that is its node's
+    only one or an srun task. A problem is the stage's recorded failure, said once, no traceback."""
+    from llava_cluster.preflight import preflight
+
+    try:
+        preflight(spec, run_name=False, what="starting the ranks")
+    except UserError as err:
+        record(run.mark_done, "train", error=err.message)
+        raise
+    with contextlib.suppress(OSError):  # the line is a courtesy; a full disk is the training's to report
+        handler = _attach_log(run, "train")
+        if handler is not None:
+            logging.getLogger("llava_cluster").info(INPUTS_CHECKED)
+            logging.getLogger().removeHandler(handler)
+            handler.close()
 
 
 def _execute(stage: str, run: RunDir) -> int:
@@ -195,18 +222,15 @@ def run_stage(stage: str, run_dir: Path, spec_file: Path | None = None) -> int:
         raise UserError(f"{run.root} has no spec.yaml: submit the run first (llava-cluster submit SPEC)")
     if stage == "train":
         from llava_cluster.noise import quiet
-        from llava_cluster.preflight import preflight
         from llava_cluster.spec import load_spec
 
-        quiet(qlora=load_spec(run.spec_path).method == "qlora")  # before bitsandbytes can be imported
-        try:
-            preflight(load_spec(run.spec_path), run_name=False, what="starting the ranks")
-        except UserError as err:
-            run.mark_done(stage, error=err.message)
-            raise
+        spec = load_spec(run.spec_path)
+        quiet(qlora=spec.method == "qlora")  # before bitsandbytes can be imported
+        if not os.environ.get(INPUTS_CHECKED_ENV):
+            _check_inputs(run, spec)
         ranks = rank_env()
         if ranks is None:
-            launch = node_launch(load_spec(run.spec_path).resources.gpus_per_node)
+            launch = node_launch(spec.resources.gpus_per_node)
             if launch.world_size > 1:
                 return _run_ranks_under_torchrun(run, stage, launch)
         else:
