@@ -5,7 +5,7 @@ layout transformers uses) and an r=128 adapter (+ projector) under a temp folder
 contender in its own child process and reports wall time and peak RSS (VmHWM of that child):
 
     copy       shutil.copytree of the checkpoint: the floor for anything that reads + writes it all
-    streaming  llava_cluster.merge_streaming.streaming_merge
+    streaming  llava_cluster.merge.streaming.streaming_merge
     peft       from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained
                (skipped when this machine has too little free memory for it)
 
@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from llava_cluster.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR_FILE
 
 GIB = 1024**3
 SHARD_BYTES = 5 * 10**9
@@ -62,7 +64,7 @@ def generate(base: Path, adapter: Path, layers: int) -> None:
     from safetensors.torch import save_file
     from transformers import LlavaForConditionalGeneration
 
-    from llava_cluster.merge_streaming import write_safetensors
+    from llava_cluster.merge.safetensors_io import write_safetensors
 
     config = llava_7b_config(layers)
     with torch.device("meta"):
@@ -109,12 +111,12 @@ def generate(base: Path, adapter: Path, layers: int) -> None:
             out_f, in_f = module.weight.shape
             lora[f"base_model.model.{name}.lora_A.weight"] = (torch.randn(R, in_f, generator=gen) * 0.01).to(torch.bfloat16)
             lora[f"base_model.model.{name}.lora_B.weight"] = (torch.randn(out_f, R, generator=gen) * 0.01).to(torch.bfloat16)
-    save_file(lora, adapter / "adapter_model.safetensors")
+    save_file(lora, adapter / ADAPTER_WEIGHTS)
     del lora
     projector = {n: (torch.randn(p.shape, generator=gen) * 0.02).to(torch.bfloat16)
                  for n, p in model.named_parameters() if ".multi_modal_projector." in n}
-    save_file(projector, adapter / "non_lora_trainables.safetensors")
-    (adapter / "adapter_config.json").write_text(json.dumps({
+    save_file(projector, adapter / PROJECTOR_FILE)
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps({
         "peft_type": "LORA", "r": R, "lora_alpha": ALPHA, "target_modules": TARGETS, "lora_dropout": 0.05,
         "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "inference_mode": True}))
 
@@ -125,7 +127,7 @@ def child(kind: str, base: Path, adapter: Path, out: Path) -> None:
     if kind == "copy":
         shutil.copytree(base, out)
     elif kind == "streaming":
-        from llava_cluster.merge_streaming import streaming_merge
+        from llava_cluster.merge.streaming import streaming_merge
 
         streaming_merge(base, adapter, out, dtype="bf16", progress=False)
     elif kind == "peft":
@@ -136,7 +138,7 @@ def child(kind: str, base: Path, adapter: Path, out: Path) -> None:
 
         model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.bfloat16)
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        merged.load_state_dict(load_file(adapter / "non_lora_trainables.safetensors"), strict=False)
+        merged.load_state_dict(load_file(adapter / PROJECTOR_FILE), strict=False)
         merged.save_pretrained(out)
     os.sync()
     wall = time.perf_counter() - start
@@ -165,7 +167,7 @@ def spot_check(base: Path, adapter: Path, merged: Path) -> bool:
     index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
     with safe_open(base / index[key], "pt") as fh:
         w = fh.get_tensor(key)
-    with safe_open(adapter / "adapter_model.safetensors", "pt") as fh:
+    with safe_open(adapter / ADAPTER_WEIGHTS, "pt") as fh:
         a, b = fh.get_tensor(f"{lora_key}.lora_A.weight").float(), fh.get_tensor(f"{lora_key}.lora_B.weight").float()
     with safe_open(merged / index[key], "pt") as fh:
         got = fh.get_tensor(key)
@@ -185,7 +187,7 @@ def main() -> int:
         child(kind, *map(Path, paths))
         return 0
 
-    from llava_cluster.merge_streaming import available_memory_bytes, checkpoint_bytes
+    from llava_cluster.merge.memory import available_memory_bytes, checkpoint_bytes
 
     root = Path(tempfile.mkdtemp(prefix="merge-memory-", dir=args.workdir))
     results = []
@@ -195,11 +197,11 @@ def main() -> int:
         generate(base, adapter, args.layers)
         size = checkpoint_bytes(base)
         print(f"generated {size / GIB:.1f} GiB in {len(list(base.glob('*.safetensors')))} shards + "
-              f"{(adapter / 'adapter_model.safetensors').stat().st_size / GIB:.2f} GiB adapter "
+              f"{(adapter / ADAPTER_WEIGHTS).stat().st_size / GIB:.2f} GiB adapter "
               f"in {time.perf_counter() - t0:.0f} s under {root}", flush=True)
         for kind in ("copy", "streaming", "peft"):
             if kind == "peft":
-                need = size * 1.25 + (adapter / "adapter_model.safetensors").stat().st_size * 2
+                need = size * 1.25 + (adapter / ADAPTER_WEIGHTS).stat().st_size * 2
                 if args.skip_peft or available_memory_bytes() < need:
                     results.append({"kind": kind, "error": f"skipped: needs ~{need / GIB:.0f} GiB free, "
                                     f"{available_memory_bytes() / GIB:.0f} GiB available"})

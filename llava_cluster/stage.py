@@ -201,7 +201,7 @@ def _execute(stage: str, run: RunDir) -> int:
 
         return train(spec, run)
     if stage == "merge":
-        from llava_cluster.merge import merge_stage
+        from llava_cluster.merge.run import merge_stage
 
         return merge_stage(spec, run)
     from llava_cluster.validate import validate_stage

@@ -151,12 +151,12 @@ def _means(scores: dict[str, list[float]]) -> dict[str, float]:
 
 def _resolve(model_dir: Path, base: Path | None) -> tuple[str, str | None, dict[str, Any]]:
     """('adapter'|'merged', base path or None, metadata)."""
-    from llava_cluster.merge import read_merge_info
-    from llava_cluster.train.artifacts import ADAPTER_CONFIG, read_metadata
+    from llava_cluster.adapter import is_adapter, read_metadata
+    from llava_cluster.merge.run import read_merge_info
 
     if not model_dir.exists():
         raise UserError(f"model folder not found: {model_dir}")
-    if (model_dir / ADAPTER_CONFIG).is_file():
+    if is_adapter(model_dir):
         meta = read_metadata(model_dir)
         base_path = str(base) if base else meta.get("base")
         if not base_path:
@@ -171,21 +171,15 @@ def _load(kind: str, model_dir: Path, base: str | None) -> tuple[Any, Any]:
     not fit), else on the CPU in fp32 (CPU kernels for half precision are slow or missing)."""
     import torch
 
-    from llava_cluster.merge import stored_dtype
+    from llava_cluster.adapter import load_with_adapter
+    from llava_cluster.merge.safetensors_io import stored_dtype
     from llava_cluster.model.load import load_llava, load_processor
     from llava_cluster.precision import torch_dtype
 
     weights = base if kind == "adapter" else model_dir
     on_gpu = torch.cuda.is_available()
     dtype = torch_dtype(stored_dtype(weights)) if on_gpu else torch.float32
-    model = load_llava(weights, dtype=dtype)
-    if kind == "adapter":
-        from peft import PeftModel
-
-        from llava_cluster.train.artifacts import apply_projector
-
-        apply_projector(model, model_dir)
-        model = PeftModel.from_pretrained(model, str(model_dir))
+    model = load_with_adapter(weights, model_dir, dtype) if kind == "adapter" else load_llava(weights, dtype=dtype)
     return (model.to("cuda") if on_gpu else model), load_processor(weights)
 
 

@@ -7,13 +7,13 @@ import re
 
 import pytest
 import torch
+from adapter_fixture import assert_bitwise_equal, loaded_state, make_adapter, peft_merge
 from safetensors.torch import load_file
-from test_streaming_merge import assert_bitwise_equal, loaded_state, make_adapter, peft_merge
 
 from llava_cluster.cli import main
 from llava_cluster.convert.adapter import convert_adapter
 from llava_cluster.errors import UserError
-from llava_cluster.merge_streaming import streaming_merge
+from llava_cluster.merge.streaming import streaming_merge
 
 ORIGINAL_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 

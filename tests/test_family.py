@@ -249,9 +249,9 @@ def test_merge_verified_loads_with_the_stock_class_and_equals_base_plus_adapter(
     from safetensors.torch import load_file
     from transformers import LlavaNextForConditionalGeneration
 
-    from llava_cluster.merge import merge_adapter
-    from llava_cluster.probe import probe_inputs
-    from llava_cluster.train.artifacts import apply_projector
+    from llava_cluster.adapter import apply_projector
+    from llava_cluster.merge.run import merge_adapter
+    from llava_cluster.merge.verify import probe_inputs
 
     result = merge_adapter(next_adapter, tmp_path / "merged", dtype="fp32", verify=True, streaming=streaming)
     assert result.verification == ("tensors" if streaming else "logits")
@@ -269,7 +269,7 @@ def test_merge_verified_loads_with_the_stock_class_and_equals_base_plus_adapter(
 
 def test_validate_scores_the_merged_llava_next(next_adapter, tiny_next_dir, tmp_path):
     from llava_cluster.cli import main
-    from llava_cluster.merge import merge_adapter
+    from llava_cluster.merge.run import merge_adapter
 
     merge_adapter(next_adapter, tmp_path / "merged", dtype="fp32", verify=False, streaming=True)
     assert main(["validate", "--model", str(tmp_path / "merged"), "--data", str(tiny_next_dir.val),

@@ -88,13 +88,9 @@ def peft_model(tiny_dir):
 
 
 def test_adapter_projector_and_merged_model_are_readable_by_the_team(tiny_dir, peft_model, tmp_path, umask):
-    from llava_cluster.merge_streaming import streaming_merge
-    from llava_cluster.train.artifacts import (
-        ADAPTER_WEIGHTS,
-        PROJECTOR_FILE,
-        gather_trainable_state,
-        write_artifacts,
-    )
+    from llava_cluster.adapter import ADAPTER_WEIGHTS, PROJECTOR_FILE
+    from llava_cluster.merge.streaming import streaming_merge
+    from llava_cluster.train.artifacts import gather_trainable_state, write_artifacts
 
     adapter = tmp_path / "final"
     write_artifacts(peft_model, gather_trainable_state(peft_model), adapter, {"step": 1})

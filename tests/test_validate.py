@@ -84,7 +84,7 @@ def test_checkpoints_are_scored_once_and_the_best_is_merged(tmp_path, tiny_dir):
     (checkpoints=all) reuses those scores and shows them in metrics.json and the report."""
     from test_train import stage, trained
 
-    from llava_cluster.merge import read_merge_info
+    from llava_cluster.merge.run import read_merge_info
     from llava_cluster.rundir import RunDir
 
     run_dir = trained(tmp_path, tiny_dir, "best", resources__gpus_per_node=1, merge__checkpoint="best",

@@ -96,11 +96,11 @@ def reached_the_end(checkpoint: Path, spec: RunSpec) -> bool:
 
 def finish_from(checkpoint: Path, run: RunDir) -> None:
     """`train/final` is the last checkpoint's adapter + projector + metadata, byte for byte."""
-    from llava_cluster.train.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA_FILE, PROJECTOR_FILE
+    from llava_cluster.adapter import ADAPTER_FILES
 
     if is_rank0():
         with atomic_dir(run.final_dir) as tmp:
-            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR_FILE, METADATA_FILE):
+            for name in ADAPTER_FILES:
                 shutil.copyfile(checkpoint / name, tmp / name)
 
 

@@ -1,4 +1,5 @@
-"""The streaming merge must produce exactly what PEFT's merge_and_unload produces, bit for bit."""
+"""merge/streaming.py: the streaming merge must produce exactly what PEFT's merge_and_unload produces,
+bit for bit."""
 
 from __future__ import annotations
 
@@ -7,59 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_fixture import assert_bitwise_equal, loaded_state, make_adapter, peft_merge
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llava_cluster.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from llava_cluster.errors import UserError
-from llava_cluster.merge_streaming import (
-    checkpoint_bytes,
-    fits_in_memory,
-    memory_name,
-    shard_files,
-    streaming_merge,
-)
-from llava_cluster.spec import DEFAULT_LORA_TARGETS
-
-
-def make_adapter(base: Path, out: Path, r: int = 4, alpha: float = 8.0, seed: int = 1, **lora_kw) -> None:
-    """Our adapter layout, with non-zero B (a fresh LoRA merges to a no-op and would prove nothing)
-    and a perturbed projector in non_lora_trainables.safetensors."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=DEFAULT_LORA_TARGETS,
-                                                  init_lora_weights=False, **lora_kw))
-    peft_model.save_pretrained(out)
-    projector = {k: (v + 0.01 * torch.randn_like(v)).contiguous() for k, v in model.state_dict().items()
-                 if ".multi_modal_projector." in k}
-    save_file(projector, out / "non_lora_trainables.safetensors")
-
-
-def peft_merge(base: Path, adapter: Path, dtype: torch.dtype):
-    """The reference: load, PeftModel.from_pretrained, merge_and_unload, then load the projector."""
-    from peft import PeftModel
-    from safetensors.torch import load_file
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=dtype)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    projector = load_file(adapter / "non_lora_trainables.safetensors")
-    merged.load_state_dict({k: v.to(dtype) for k, v in projector.items()}, strict=False)
-    return merged.state_dict()
-
-
-def loaded_state(path: Path, dtype: torch.dtype):
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).state_dict()
-
-
-def assert_bitwise_equal(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys()
-    differing = [k for k in want if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
-    assert differing == []
+from llava_cluster.merge.safetensors_io import shard_files
+from llava_cluster.merge.streaming import streaming_merge
+from llava_cluster.model.family import FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +85,9 @@ def test_adapter_for_another_base_is_refused(tiny_dir, adapter_dir, tmp_path):
     wrong.mkdir()
     for f in adapter_dir.iterdir():
         (wrong / f.name).write_bytes(f.read_bytes())
-    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as fh:
+    with safe_open(adapter_dir / ADAPTER_WEIGHTS, "pt") as fh:
         tensors = {k.replace("layers.1.", "layers.7."): fh.get_tensor(k) for k in fh.keys()}
-    save_file(tensors, wrong / "adapter_model.safetensors")
+    save_file(tensors, wrong / ADAPTER_WEIGHTS)
     with pytest.raises(UserError, match="layers.7.*another base"):
         streaming_merge(tiny_dir.model, wrong, tmp_path / "merged", progress=False)
     assert not (tmp_path / "merged").exists()
@@ -141,27 +98,18 @@ def test_dora_is_refused_not_merged_wrongly(tiny_dir, adapter_dir, tmp_path):
     dora.mkdir()
     for f in adapter_dir.iterdir():
         (dora / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((dora / "adapter_config.json").read_text())
-    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    cfg = json.loads((dora / ADAPTER_CONFIG).read_text())
+    (dora / ADAPTER_CONFIG).write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(UserError, match="use_dora"):
         streaming_merge(tiny_dir.model, dora, tmp_path / "merged", progress=False)
 
 
 def test_memory_names_cover_both_disk_layouts():
+    """The key map the streaming merge writes by (model/family.py's table for LLaVA-1.5)."""
+    memory_name = FAMILIES["llava"].memory_name
     assert memory_name("language_model.model.layers.3.mlp.up_proj.weight") == "model.language_model.layers.3.mlp.up_proj.weight"
     assert memory_name("language_model.lm_head.weight") == "lm_head.weight"
     assert memory_name("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight") == "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
     assert memory_name("multi_modal_projector.linear_1.bias") == "model.multi_modal_projector.linear_1.bias"
     assert memory_name("model.language_model.norm.weight") == "model.language_model.norm.weight"
 
-
-def test_fits_in_memory_compares_checkpoint_with_available_ram(tiny_dir, monkeypatch):
-    import llava_cluster.merge_streaming as ms
-
-    size = checkpoint_bytes(tiny_dir.model)
-    assert size == (tiny_dir.model / "model.safetensors").stat().st_size
-    monkeypatch.setattr(ms, "available_memory_bytes", lambda: int(size * 1.5))
-    assert fits_in_memory(tiny_dir.model)
-    assert not fits_in_memory(tiny_dir.model, dtype="fp32")  # an upcast doubles what must fit
-    monkeypatch.setattr(ms, "available_memory_bytes", lambda: size)
-    assert not fits_in_memory(tiny_dir.model)

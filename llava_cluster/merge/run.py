@@ -6,7 +6,7 @@ QLoRA adapters merge into the unquantized base by default (the usual deployment 
 `--into dequantized` they merge into the 4-bit weights dequantized, which reproduces the model that
 was trained exactly, quantization error included. `--verify` compares the merged model's logits with
 base + adapter on a probe batch and refuses to write the output above tolerance; a streaming merge
-is verified tensor by tensor instead (`merge_check.py`), so the check never needs both models whole.
+is verified tensor by tensor instead (`verify.py`), so the check never needs both models whole.
 The merge record (`llava_cluster_merge.json`) says which check ran.
 
 The output dtype defaults to the base's stored dtype (llava-hf checkpoints are fp16): a merge never
@@ -23,13 +23,11 @@ from typing import Any
 
 from llava_cluster.console import console, err_console
 from llava_cluster.errors import UserError
-from llava_cluster.precision import SAFETENSORS_CODES, torch_dtype
+from llava_cluster.precision import torch_dtype
 from llava_cluster.rundir import RunDir, atomic_dir, atomic_write_json
 from llava_cluster.spec import RunSpec
 
 MERGE_INFO = "llava_cluster_merge.json"
-# Relative error ‖merged − reference‖ / ‖reference‖ allowed on the probe logits, by weight dtype.
-TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 5e-3}
 
 
 @dataclass
@@ -48,26 +46,6 @@ class MergeResult:
     rel_diff: float | None = None
 
 
-def stored_dtype(base: str | Path) -> str:
-    """bf16|fp16|fp32: the dtype most of the base's floating weights are stored in (safetensors headers)."""
-    from collections import Counter
-
-    from safetensors import safe_open
-
-    from llava_cluster.merge_streaming import shard_files
-
-    count: Counter[str] = Counter()
-    for shard, keys in shard_files(Path(base)).items():
-        with safe_open(Path(base) / shard, "pt") as fh:
-            for key in keys:
-                piece = fh.get_slice(key)
-                if piece.get_dtype() in SAFETENSORS_CODES:
-                    count[SAFETENSORS_CODES[piece.get_dtype()]] += 1
-    if not count:
-        raise UserError(f"{base}: no floating-point weights found; pass --dtype bf16|fp16|fp32")
-    return count.most_common(1)[0][0]
-
-
 def _merge_device(streaming: bool | None) -> str:
     """The GPU for an in-memory merge when there is one: verifying a 7B on the CPU takes minutes."""
     import torch
@@ -75,20 +53,14 @@ def _merge_device(streaming: bool | None) -> str:
     return "cuda" if torch.cuda.is_available() and not streaming else "cpu"
 
 
-def _logits(model: Any, batch: dict[str, Any]) -> Any:
-    import torch
-
-    with torch.no_grad():
-        return model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float()
-
-
 def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None = None, into: str = "base",
                   dtype: str | None = None, verify: bool = True, streaming: bool | None = None,
                   overwrite: bool = True) -> MergeResult:
     """Merge `adapter` into its base and write `out`; `overwrite=False` refuses an existing non-empty `out`."""
-    from llava_cluster.train.artifacts import apply_projector, check_artifacts, read_metadata
+    from llava_cluster.adapter import check_adapter, read_metadata
+    from llava_cluster.merge.safetensors_io import stored_dtype
 
-    adapter = check_artifacts(adapter)
+    adapter = check_adapter(adapter)
     meta = read_metadata(adapter)
     if not overwrite and Path(out).exists() and any(Path(out).iterdir()):
         raise UserError(f"{out} already exists and is not empty: pick another --out, or pass --overwrite to "
@@ -111,14 +83,14 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
                          method=meta.get("method", "lora"), template=meta.get("template", "vicuna_v1"),
                          streaming=False)
     if streaming is None:
-        from llava_cluster.merge_streaming import fits_in_memory
+        from llava_cluster.merge.memory import fits_in_memory
 
         streaming = into == "base" and not fits_in_memory(Path(base))
     result.device = _merge_device(streaming)
     if streaming:
         if into != "base":
             raise UserError("--streaming merges into the unquantized base only (drop --into dequantized)")
-        from llava_cluster.merge_streaming import streaming_merge
+        from llava_cluster.merge.streaming import streaming_merge
 
         result.streaming = True
 
@@ -130,22 +102,22 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
         streaming_merge(Path(base), adapter, Path(out), dtype=dtype, check=record)
         return result
 
-    from peft import PeftModel
+    _merge_in_memory(result, adapter, verify)
+    return result
 
-    from llava_cluster.model.load import load_llava, load_processor, model_family
-    from llava_cluster.probe import probe_inputs
 
+def _merge_in_memory(result: MergeResult, adapter: Path, verify: bool) -> None:
+    """PEFT's `merge_and_unload`; verified by reloading the saved output and comparing probe logits."""
+    from llava_cluster.adapter import load_with_adapter
+    from llava_cluster.merge.verify import TOLERANCE, probe_inputs, probe_logits
+    from llava_cluster.model.load import load_processor, model_family
+
+    base, out, dtype = result.base, result.out, result.dtype
     processor = load_processor(base)
-    if into == "dequantized":
-        model = load_llava(base, dtype=torch_dtype(dtype), load_in_4bit=True, compute_dtype=torch_dtype(dtype))
-        model = model.dequantize()
-    else:
-        model = load_llava(base, dtype=torch_dtype(dtype))
-    apply_projector(model, adapter)
-    model = PeftModel.from_pretrained(model, str(adapter))
+    model = load_with_adapter(base, adapter, torch_dtype(dtype), dequantized=result.into == "dequantized")
     model.eval().to(result.device)
     batch = probe_inputs(processor, result.template) if verify else None
-    reference = _logits(model, batch) if verify else None
+    reference = probe_logits(model, batch) if verify else None
     merged = model.merge_and_unload()
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
@@ -154,7 +126,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
             del merged, model  # the reference logits are kept; the models are not needed any more
             reloaded = model_family(base).model_cls().from_pretrained(tmp, dtype=torch_dtype(dtype)).eval()
             reloaded.to(result.device)
-            diff = (_logits(reloaded, batch) - reference)
+            diff = (probe_logits(reloaded, batch) - reference)
             result.verification = "logits"
             result.max_abs_diff = float(diff.abs().max())
             result.rel_diff = float(diff.norm() / reference.norm().clamp_min(1e-12))
@@ -164,12 +136,11 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
                     f"{result.rel_diff:.2e} (relative; max |Δ| {result.max_abs_diff:.2e}) > {TOLERANCE[dtype]:.0e} "
                     f"for {dtype}; nothing was written to {out}", exit_code=1)
         atomic_write_json(Path(tmp) / MERGE_INFO, asdict(result))
-    return result
 
 
 def _verify_streamed(result: MergeResult, folder: Path) -> None:
     """Check the streamed output in `folder` tensor by tensor, before it replaces `result.out`."""
-    from llava_cluster.merge_check import verify_streamed
+    from llava_cluster.merge.verify import TOLERANCE, verify_streamed
 
     check = verify_streamed(Path(result.base), Path(result.adapter), folder, TOLERANCE[result.dtype])
     if check.mismatch:

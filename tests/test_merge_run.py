@@ -1,4 +1,4 @@
-"""merge: the output keeps the base's stored dtype unless told otherwise, and `--verify` always runs a
+"""merge/run.py, the merge command: the output keeps the base's stored dtype unless told otherwise, and `--verify` always runs a
 check — logits in memory, tensor by tensor when streaming — and the merge record says which."""
 
 from __future__ import annotations
@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_fixture import make_adapter
 from safetensors import safe_open
-from test_streaming_merge import make_adapter
 
-from llava_cluster import merge
+from llava_cluster.adapter import METADATA_FILE
 from llava_cluster.cli import main
 from llava_cluster.errors import UserError
-from llava_cluster.merge import MERGE_INFO, merge_adapter, read_merge_info, stored_dtype
-from llava_cluster.merge_check import verify_streamed
-from llava_cluster.merge_streaming import Adapter, streaming_merge
+from llava_cluster.merge import verify
+from llava_cluster.merge.run import MERGE_INFO, merge_adapter, read_merge_info
 
 
 def stored_dtypes(folder: Path) -> set[str]:
@@ -43,11 +42,6 @@ def adapter(tiny_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("adapter")
     make_adapter(tiny_dir.model, out)
     return out
-
-
-def test_stored_dtype_reads_the_weights(tiny_dir, fp16_base):
-    assert stored_dtype(tiny_dir.model) == "fp32"
-    assert stored_dtype(fp16_base) == "fp16"
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -79,28 +73,24 @@ def test_streaming_verify_checks_every_tensor_and_records_it(tiny_dir, adapter, 
     assert "not verified" in capsys.readouterr().err
 
 
-def test_tensor_check_catches_a_wrong_merge(tiny_dir, adapter, tmp_path):
-    """An output merged with another adapter (twice the scaling) fails on its first LoRA weight."""
-    other = tmp_path / "other-adapter"
-    make_adapter(tiny_dir.model, other, alpha=16.0)
-    streaming_merge(tiny_dir.model, other, tmp_path / "wrong", dtype="fp32", progress=False)
-    check = verify_streamed(tiny_dir.model, adapter, tmp_path / "wrong", tolerance=1e-5)
-    assert check.mismatch and "probe output differs" in check.mismatch
-    assert "language_model" in check.mismatch and ("proj" in check.mismatch)
-    good = verify_streamed(tiny_dir.model, other, tmp_path / "wrong", tolerance=1e-5)
-    assert good.mismatch is None
-    assert good.lora_weights == len(Adapter(other).pairs) > 0 and good.checked > good.lora_weights
-
-
 def test_failed_streaming_verification_keeps_the_previous_output(tiny_dir, adapter, tmp_path, monkeypatch):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "earlier.txt").write_text("an earlier merge")
-    monkeypatch.setitem(merge.TOLERANCE, "fp32", 0.0)  # nothing passes a zero tolerance
+    monkeypatch.setitem(verify.TOLERANCE, "fp32", 0.0)  # nothing passes a zero tolerance
     with pytest.raises(UserError, match="verification failed.*nothing was written"):
         merge_adapter(adapter, out, base=tiny_dir.model, verify=True, streaming=True)
     assert [p.name for p in out.iterdir()] == ["earlier.txt"]
     assert not list(tmp_path.glob(".tmp-*")), "the temp folder is cleaned up"
+
+
+def test_failed_in_memory_verification_writes_nothing(tiny_dir, adapter, tmp_path, monkeypatch):
+    monkeypatch.setitem(verify.TOLERANCE, "fp32", 0.0)
+    out = tmp_path / "merged"
+    with pytest.raises(UserError, match="merge verification failed") as err:
+        merge_adapter(adapter, out, base=tiny_dir.model, dtype="fp32", verify=True, streaming=False)
+    assert err.value.exit_code == 1
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
 
 
 def test_merge_refuses_an_existing_out_unless_overwrite(tiny_dir, adapter, tmp_path, capsys):
@@ -117,10 +107,10 @@ def test_merge_refuses_an_existing_out_unless_overwrite(tiny_dir, adapter, tmp_p
 def test_a_moved_base_is_named_as_the_recorded_one(tiny_dir, adapter, tmp_path, capsys):
     from llava_cluster.rundir import atomic_write_json
 
-    atomic_write_json(adapter / "llava_cluster.json", {"base": str(tmp_path / "moved-away"), "template": "vicuna_v1"})
+    atomic_write_json(adapter / METADATA_FILE, {"base": str(tmp_path / "moved-away"), "template": "vicuna_v1"})
     try:
         assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 2
         err = capsys.readouterr().err
         assert "the base recorded in" in err and "moved-away" in err and "pass --base" in err
     finally:
-        (adapter / "llava_cluster.json").unlink()
+        (adapter / METADATA_FILE).unlink()

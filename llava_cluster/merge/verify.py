@@ -1,8 +1,10 @@
-"""Verify a streamed merge tensor by tensor, never holding more than one base tensor in memory.
+"""The checks a merge must pass before its output appears.
 
-The in-memory merge checks the merged model's logits against base + adapter on a probe batch; that
-needs both models whole, which is exactly what the streaming merge exists to avoid. Here every tensor
-of the output is checked on its own against the base and the adapter:
+The in-memory merge checks the merged model's logits against base + adapter on a fixed probe batch
+(`probe_inputs`, `probe_logits`); that needs both models whole, which is exactly what the streaming
+merge exists to avoid. A streamed output is verified tensor by tensor instead (`verify_streamed`),
+never holding more than one base tensor in memory; each tensor is checked on its own against the base
+and the adapter:
 
   LoRA target weight   a fixed random probe x goes through it: x @ Mᵀ against x @ Wᵀ + ((x @ Aᵀ) @ Bᵀ)·s,
                        computed in fp32 in the other order from the merge's (B @ A first), so a wrong
@@ -18,10 +20,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from llava_cluster.merge_streaming import ADAPTER_WEIGHTS, Adapter, memory_name, read_tensor, shard_files
+from llava_cluster.adapter import LazyAdapter
+from llava_cluster.data.templates import IMAGE_TOKEN, get_template
+from llava_cluster.merge.safetensors_io import read_tensor, shard_files
 from llava_cluster.model.load import model_family
 
+# Relative error ‖merged − reference‖ / ‖reference‖ allowed on the probe outputs, by weight dtype.
+TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 5e-3}
 PROBE_ROWS = 8
 
 
@@ -37,14 +44,10 @@ class TensorCheck:
 def verify_streamed(base: Path, adapter: Path, out: Path, tolerance: float, seed: int = 0) -> TensorCheck:
     """Check every tensor of the merged checkpoint `out`; stops at the first one out of tolerance."""
     import torch
-    from safetensors import safe_open
 
     family = model_family(base)
-    lora = Adapter(adapter)
-    projector: set[str] = set()
-    if lora.projector_path:
-        with safe_open(lora.projector_path, "pt") as fh:
-            projector = set(fh.keys())
+    lora = LazyAdapter(adapter)
+    projector = lora.projector_keys()
     base_shard = {key: shard for shard, keys in shard_files(base).items() for key in keys}
     generator = torch.Generator().manual_seed(seed)
     result = TensorCheck()
@@ -55,7 +58,7 @@ def verify_streamed(base: Path, adapter: Path, out: Path, tolerance: float, seed
                 result.mismatch = f"{key}: in the merged checkpoint but not in the base"
                 return result
             reference = read_tensor(base / base_shard[key], key).to(merged.dtype)
-            name = memory_name(key, family)
+            name = family.memory_name(key)
             module = name.removesuffix(".weight")
             result.checked += 1
             if name in projector:
@@ -65,8 +68,7 @@ def verify_streamed(base: Path, adapter: Path, out: Path, tolerance: float, seed
                     return result
             elif name.endswith(".weight") and module in lora.pairs:
                 pair = lora.pairs[module]
-                a = read_tensor(adapter / ADAPTER_WEIGHTS, pair.a_key).float()
-                b = read_tensor(adapter / ADAPTER_WEIGHTS, pair.b_key).float()
+                a, b = lora.factors(module)
                 x = torch.randn(PROBE_ROWS, merged.shape[1], generator=generator)
                 want = x @ reference.float().T + ((x @ a.T) @ b.T) * pair.scaling
                 got = x @ merged.float().T
@@ -85,3 +87,35 @@ def verify_streamed(base: Path, adapter: Path, out: Path, tolerance: float, seed
         result.mismatch = (f"{len(lora.pairs) - result.lora_weights} of the adapter's {len(lora.pairs)} LoRA "
                            "weights are not in the merged checkpoint")
     return result
+
+
+def probe_inputs(processor: Any, template: str = "vicuna_v1") -> dict[str, Any]:
+    """A fixed probe batch (one image prompt, one text-only prompt) for comparing two models' logits."""
+    import numpy as np
+    from PIL import Image
+
+    size = processor.image_processor.crop_size.get("height", 32) if hasattr(processor.image_processor, "crop_size") else 32
+    y, x = np.mgrid[0:size, 0:size]
+    pixels = np.stack([x * 255 // max(size - 1, 1), y * 255 // max(size - 1, 1), (x + y) % 256], axis=-1)
+    image = Image.fromarray(pixels.astype(np.uint8))
+    tmpl = get_template(template)
+    prompts = [
+        tmpl.prompt([("user", f"{IMAGE_TOKEN}\nWhat colour is the shape?")]),
+        tmpl.prompt([("user", "Say the word after: apple")]),
+    ]
+    tokenizer = processor.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = processor(text=prompts, images=[image], padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    return dict(batch)
+
+
+def probe_logits(model: Any, batch: dict[str, Any]) -> Any:
+    """The model's fp32 logits on the probe batch, on the model's device."""
+    import torch
+
+    with torch.no_grad():
+        return model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float()
