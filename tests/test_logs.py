@@ -1,4 +1,5 @@
-"""`llava-cluster logs`: a stage's log, found from the run directory, its spec file or its name."""
+"""`llava-cluster logs`: a stage's log (its tail, a SLURM task's console), found from the run directory, its
+spec file or its name; a stage without a log says so."""
 
 from __future__ import annotations
 
@@ -23,3 +24,24 @@ def test_logs_of_a_run_given_by_its_spec_file_or_name(tmp_path, capsys):
     assert capsys.readouterr().out == "line 9\n"
     assert main(["logs", str(run.root), "train", "-n", "1"]) == 0
     assert capsys.readouterr().out == "line 9\n"
+
+
+def test_logs_prints_the_tail_and_the_job_console(tmp_path, capsysbinary):
+    run = RunDir(tmp_path / "run")
+    run.logs_dir.mkdir(parents=True)
+    run.log_path("train").write_text("".join(f"line {i}\n" for i in range(10)))
+    run.update_state("train", status="running", job_ids=["5", "9"])
+    (run.logs_dir / "slurm").mkdir()
+    (run.logs_dir / "slurm/9_1_log.out").write_text("rank 1 says hi\n")
+    assert main(["logs", str(run.root), "train", "--tail", "2"]) == 0
+    assert capsysbinary.readouterr().out == b"line 8\nline 9\n"
+    assert main(["logs", str(run.root), "train", "--job", "--task", "1"]) == 0
+    assert capsysbinary.readouterr().out == b"rank 1 says hi\n"
+
+
+def test_logs_of_a_stage_without_log_says_so(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    run.update_state("merge", status="pending", job_ids=["12"])
+    assert main(["logs", str(run.root), "merge"]) == 1
+    assert "no log yet for merge" in capsys.readouterr().err
+    assert main(["logs", str(tmp_path / "nope"), "merge"]) == 2
