@@ -23,7 +23,7 @@ from typing import Any
 
 from llava_cluster.console import console, err_console
 from llava_cluster.errors import UserError
-from llava_cluster.precision import torch_dtype
+from llava_cluster.precision import PRECISIONS, torch_dtype
 from llava_cluster.rundir import RunDir, atomic_dir, atomic_write_json
 from llava_cluster.spec import RunSpec
 
@@ -194,7 +194,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", type=Path, default=None, help="base model (default: recorded in the adapter)")
     parser.add_argument("--into", choices=("base", "dequantized"), default="base",
                         help="QLoRA: merge into the unquantized base (default) or the dequantized 4-bit weights")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+    parser.add_argument("--dtype", choices=PRECISIONS, default=None,
                         help="weights of the output (default: the base's stored dtype)")
     parser.add_argument("--verify", action="store_true", help="compare merged vs base+adapter logits, fail above tolerance")
     parser.add_argument("--streaming", action="store_true", default=None,
