@@ -99,3 +99,17 @@ def test_adapter_projector_and_merged_model_are_readable_by_the_team(tiny_dir, p
     streaming_merge(tiny_dir.model, adapter, tmp_path / "merged", progress=False)
     assert any(p.suffix == ".safetensors" for p in (tmp_path / "merged").iterdir())
     assert_shared(tmp_path / "merged", umask)
+
+
+def test_the_status_sets_split_what_a_state_file_can_say(tmp_path):
+    """logs --follow stops at FINISHED, the k8s waiter gives up on UNSUCCESSFUL, status asks SLURM about
+    AWAITING_JOB; every state the run directory writes falls in exactly the sets it should."""
+    from llava_cluster.rundir import AWAITING_JOB, FINISHED, STATUSES, UNSUCCESSFUL, RunDir
+
+    assert FINISHED | AWAITING_JOB | {"preempted"} == set(STATUSES) and not FINISHED & AWAITING_JOB
+    assert FINISHED - UNSUCCESSFUL == {"succeeded"} and UNSUCCESSFUL < FINISHED
+    run = RunDir(tmp_path / "run")
+    assert run.read_state("train").status in AWAITING_JOB  # pending
+    assert run.mark_running("train").status in AWAITING_JOB
+    assert run.mark_done("train").status in FINISHED - UNSUCCESSFUL
+    assert run.mark_done("merge", error="boom").status in UNSUCCESSFUL

@@ -22,6 +22,13 @@ def make_run(tmp_path: Path) -> RunDir:
     return run
 
 
+def test_every_status_has_its_colour():
+    from llava_cluster.rundir import STATUSES
+    from llava_cluster.status import COLOURS
+
+    assert set(COLOURS) == set(STATUSES)
+
+
 def test_failed_stage_shows_its_error_and_log_tail(tmp_path, capsys):
     run = make_run(tmp_path)
     run.mark_running("train")
