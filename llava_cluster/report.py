@@ -1,9 +1,10 @@
 """The validation report: one self-contained HTML page (images inlined) and a loss-curve PNG.
 
 It opens with what a reviewer decides on: the paired difference of each metric with its interval, how
-many samples improved and regressed, then the per-model scores and per-group breakdown; the sample
-table can be filtered to regressions (a few lines of inline script; the page stays one file), and
-the provenance (versions, commit, device, spec) sits collapsed at the end.
+many samples improved and regressed, then the per-model scores, the per-group breakdown and
+lmms-eval's numbers (or why it did not run); the sample table can be filtered to regressions (a few
+lines of inline script; the page stays one file), and the provenance (versions, commit, device,
+spec) sits collapsed at the end.
 """
 
 from __future__ import annotations
@@ -168,6 +169,30 @@ def _groups(metrics: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _lmms_eval(metrics: dict[str, Any]) -> str:
+    """lmms-eval's headline numbers (validate_lmms), or why there are none."""
+    record = metrics.get("lmms_eval")
+    if not record:
+        return ""
+    if record["status"] != "ok":
+        return (f'<h2>lmms-eval</h2>\n<p class="warn">lmms-eval {html.escape(record["status"])}: '
+                f'{html.escape(record["reason"])}</p>')
+    limit = f", at most {record['limit']} documents per task" if record.get("limit") else ""
+    out = ["<h2>lmms-eval</h2>",
+           f"<p>lmms-eval {html.escape(str(record['lmms_eval_version']))}, model {html.escape(record['model'])}"
+           f"{limit}; results and per-document outputs in <code>{html.escape(str(Path(record['results']).parent))}"
+           "</code></p>",
+           "<table><tr><th>task</th><th>metric</th><th>value</th><th>± stderr</th><th>documents</th></tr>"]
+    for task, row in record["tasks"].items():
+        for name, m in row["metrics"].items():
+            arrow = {True: " ↑", False: " ↓"}.get(m.get("higher_is_better"), "")
+            stderr = f"{m['stderr']:.4g}" if m["stderr"] is not None else "–"
+            out.append(f"<tr><td>{html.escape(task)}</td><td>{html.escape(name)}{arrow}</td>"
+                       f"<td>{m['value']:.4g}</td><td>{stderr}</td><td>{row['samples']}</td></tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
 def _metric_rows(metrics: dict[str, Any]) -> str:
     out = []
     for label in ("base", "finetuned"):
@@ -207,7 +232,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; }}
 td.ok {{ background: #e6f4e6; }} td.miss {{ background: #fbeaea; }}
 tr.regressed td:first-child {{ border-left: 4px solid #c0392b; }} tr.improved td:first-child {{ border-left: 4px solid #27ae60; }}
-p.changes {{ font-size: 1.15em; }} table {{ margin-bottom: 1em; }}
+p.changes {{ font-size: 1.15em; }} table {{ margin-bottom: 1em; }} p.warn {{ color: #a04000; }}
 </style>
 <script>
 function show(kind) {{
@@ -226,6 +251,7 @@ template <code>{html.escape(str(metrics.get('template')))}</code>, {metrics['sam
 {_metric_rows(metrics)}
 </table>
 {_groups(metrics)}
+{_lmms_eval(metrics)}
 <h2>Training loss</h2>
 {curve_html}
 {_checkpoints(metrics)}

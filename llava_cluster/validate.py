@@ -17,6 +17,7 @@ from llava_cluster.console import console, err_console
 from llava_cluster.errors import UserError
 from llava_cluster.rundir import RunDir, atomic_write_json, atomic_write_text
 from llava_cluster.spec import RunSpec
+from llava_cluster.validate_lmms import LmmsEvalSpec, run_lmms_eval
 
 
 def normalize(text: str) -> str:
@@ -211,9 +212,11 @@ def validate(model_dir: Path, data: Path, image_folder: Path | None, out_dir: Pa
              template: str | None = None, max_samples: int | None = 200, batch_size: int = 8,
              max_new_tokens: int = 64, compare_base: bool = True, max_length: int = 2048,
              aspect: str | None = None, metrics_log: Path | None = None,
-             provenance: dict[str, Any] | None = None, checkpoints: dict[str, Any] | None = None) -> dict[str, Any]:
+             provenance: dict[str, Any] | None = None, checkpoints: dict[str, Any] | None = None,
+             lmms_eval: LmmsEvalSpec | None = None) -> dict[str, Any]:
     """Score the model (and the base) on `data`; `provenance` adds what the caller knows (e.g. the spec),
-    `checkpoints` the scores of the run's checkpoints (score_checkpoints) for the report."""
+    `checkpoints` the scores of the run's checkpoints (score_checkpoints) for the report, `lmms_eval`
+    lmms-eval tasks to run on a merged model (validate_lmms)."""
     from llava_cluster.provenance import environment, training_summary
     from llava_cluster.report import write_report
     from llava_cluster.validate_stats import compare, grouped
@@ -242,6 +245,8 @@ def validate(model_dir: Path, data: Path, image_folder: Path | None, out_dir: Pa
         metrics["comparison"] = compare(per_sample["base"], per_sample["finetuned"])
     if checkpoints:
         metrics["checkpoints"], metrics["best_checkpoint"] = checkpoints["checkpoints"], checkpoints["best"]
+    if lmms_eval:
+        metrics["lmms_eval"] = run_lmms_eval(lmms_eval, Path(model_dir), kind, Path(out_dir))
     metrics["provenance"] = {
         **environment(), "model_kind": kind, "adapter_step": meta.get("step"), "spec_digest": meta.get("spec_digest"),
         "method": meta.get("method"), "template": template,
@@ -331,7 +336,7 @@ def validate_stage(spec: RunSpec, run: RunDir) -> int:
                        compare_base=v.compare_base, max_length=spec.data.max_length,
                        aspect=spec.data.image_aspect_ratio, metrics_log=run.logs_dir / "train_metrics.jsonl",
                        provenance={"run": spec.name, "spec_digest": spec.digest(), "spec": spec.to_dict()},
-                       checkpoints=checkpoints)
+                       checkpoints=checkpoints, lmms_eval=v.lmms_eval)
     print_metrics(metrics, run.validate_dir)
     return 0
 

@@ -32,6 +32,7 @@ from llava_cluster.spec.text import (
     looks_secret,
     must_match,
 )
+from llava_cluster.validate_lmms import LmmsEvalSpec
 
 # The language model's projections only: CLIP's vision layers use the same q/k/v names.
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -264,6 +265,8 @@ class ValidationSpec(_Section):
     compare_base: bool = True
     checkpoints: Literal["final", "last", "all"] = Field(
         "final", description="also score the last, or every, complete checkpoint (base + adapter) on data.eval")
+    lmms_eval: LmmsEvalSpec | None = Field(
+        None, description="also run these lmms-eval tasks on the merged model (validate_lmms.py)")
 
 
 class RunSpec(_Section):
