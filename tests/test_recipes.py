@@ -120,7 +120,7 @@ def test_shipped_recipe_trains_scaled_down(recipe, tmp_path, tiny_dir, llava_hf_
     from llava_cluster.adapter import PEFT_PREFIX
     from llava_cluster.model.load import load_llava
     from llava_cluster.rundir import RunDir
-    from llava_cluster.submit import freeze
+    from llava_cluster.spec.frozen import freeze
 
     base = tiny_dir if recipe == "tiny-local.yaml" else llava_hf_dir
     spec = scaled(recipe, tmp_path, base)

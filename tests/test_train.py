@@ -49,7 +49,7 @@ def freeze(spec_path: Path) -> Path:
     """Freeze the spec into its run directory (what `submit` does) and return the run dir."""
     from llava_cluster.rundir import RunDir
     from llava_cluster.spec import load_spec
-    from llava_cluster.submit import freeze as freeze_spec
+    from llava_cluster.spec.frozen import freeze as freeze_spec
 
     spec = load_spec(spec_path)
     run = RunDir(spec.run_dir)
