@@ -61,17 +61,17 @@ def test_llava_next_base_is_accepted_by_submit_dry_run_and_plan(tmp_path, tiny_d
 
 
 def test_an_unsupported_llava_family_is_refused_with_the_exact_list(tmp_path, tiny_dir, capsys):
-    base = model_copy(tmp_path, tiny_dir, model_type="llava_onevision",
-                      architectures=["LlavaOnevisionForConditionalGeneration"])
+    base = model_copy(tmp_path, tiny_dir, model_type="llava_next_video",
+                      architectures=["LlavaNextVideoForConditionalGeneration"])
     path = write_spec(tmp_path, tiny_dir, model={"base": str(base)})
     assert main(["submit", str(path), "--dry-run"]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert ("'llava_onevision' model, not a LLaVA one llava-cluster fine-tunes: supported are "
+    assert ("'llava_next_video' model, not a LLaVA one llava-cluster fine-tunes: supported are "
             "LlavaForConditionalGeneration (model_type 'llava'), LlavaNextForConditionalGeneration "
             "(model_type 'llava_next')") in err
     assert main(["submit", str(path), "--backend", "slurm", "--dry-run"]) == 2
     assert main(["plan", str(path)]) == 2
-    assert "'llava_onevision'" in capsys.readouterr().err
+    assert "'llava_next_video'" in capsys.readouterr().err
     assert not (tmp_path / "storage").exists(), "a refused submit must write nothing"
 
 
