@@ -101,14 +101,15 @@ def _format_errors(source: str, err: ValidationError, overrides: dict[str, str])
     return "\n".join(lines)
 
 
-def spec_from_dict(data: dict[str, Any], source: str = "spec", base_dir: Path | None = None,
-                   overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
+def spec_from_dict(data: dict[str, Any], source: str = "spec", overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
+    """Validate, then make relative paths absolute against the current directory (where validation has
+    also read a relative DeepSpeed JSON from)."""
     try:
         spec = RunSpec.model_validate(data)
     except ValidationError as err:
         given = {a.split("=", 1)[0].strip(): a for a in overrides}
         raise UserError(_format_errors(source, err, given)) from None
-    return _absolute_paths(spec, base_dir or Path.cwd())
+    return _absolute_paths(spec, Path.cwd())
 
 
 def _absolute_paths(spec: RunSpec, base: Path) -> RunSpec:
