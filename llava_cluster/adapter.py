@@ -28,8 +28,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = f"{LORA_STEM}.safetensors"
 PROJECTOR_FILE = f"{NON_LORA_STEM}.safetensors"
 METADATA_FILE = "llava_cluster.json"
-# Everything a complete save holds, in the order it is written.
-ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR_FILE, METADATA_FILE)
+# What merge and validate need; a training save (and a converted adapter) adds the metadata.
+REQUIRED_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR_FILE)
+ADAPTER_FILES = (*REQUIRED_FILES, METADATA_FILE)
 PEFT_PREFIX = "base_model.model."
 _LORA_A = re.compile(re.escape(PEFT_PREFIX) + r"(.+)\.lora_A\.weight")
 _LORA_B = re.compile(re.escape(PEFT_PREFIX) + r"(.+)\.lora_B\.weight")
@@ -64,7 +65,7 @@ def check_adapter(adapter_dir: str | Path) -> Path:
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise UserError(f"adapter folder not found: {adapter_dir}")
-    missing = [f for f in ADAPTER_FILES[:3] if not (adapter_dir / f).is_file()]
+    missing = [f for f in REQUIRED_FILES if not (adapter_dir / f).is_file()]
     if missing:
         hint = ""
         if (adapter_dir / f"{NON_LORA_STEM}.bin").exists():

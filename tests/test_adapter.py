@@ -12,6 +12,7 @@ from adapter_fixture import make_adapter
 from llava_cluster.adapter import (
     ADAPTER_CONFIG,
     ADAPTER_FILES,
+    ADAPTER_WEIGHTS,
     PROJECTOR_FILE,
     LazyAdapter,
     apply_projector,
@@ -114,6 +115,6 @@ def test_base_plus_adapter_is_the_trained_model(tiny_dir, tmp_path):
     projector = load_non_lora(tmp_path)
     params = dict(model.base_model.model.named_parameters())
     assert projector and all(torch.equal(params[k], v) for k, v in projector.items())
-    lora = load_file(tmp_path / "adapter_model.safetensors")
+    lora = load_file(tmp_path / ADAPTER_WEIGHTS)
     state = model.state_dict()
     assert lora and all(torch.equal(state[k.replace(".weight", ".default.weight")], v) for k, v in lora.items())
