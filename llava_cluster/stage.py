@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 FAILED_EXIT = 1
 RECORDED_EXITS = {"succeeded": 0, "preempted": PREEMPTED_EXIT}
-# set by a node parent for the ranks it starts: it has checked the run's inputs, they need not scan them again
+# set for a train stage whose inputs were checked on this node already (by its node parent, or by the local
+# submit that started it): it need not scan them again
 INPUTS_CHECKED_ENV = "LLAVA_CLUSTER_INPUTS_CHECKED"
 INPUTS_CHECKED = "preflight passed: model, tokenizer and data checked before the ranks start"
 
@@ -176,7 +177,8 @@ def _run_ranks_under_torchrun(run: RunDir, stage: str, launch: object) -> int:
 def _check_inputs(run: RunDir, spec: RunSpec) -> None:
     """The train stage's preflight, once per node: by the node parent before torchrun starts its ranks
     (they skip it: a full data scan each would say nothing new), or by a process that is its node's
-    only one or an srun task. A problem is the stage's recorded failure, said once, no traceback."""
+    only one or an srun task; a local submit has made it already. A problem is the stage's recorded
+    failure, said once, no traceback."""
     from llava_cluster.preflight import preflight
 
     try:

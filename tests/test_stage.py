@@ -120,7 +120,8 @@ def small_disk(tmp_path):
 
 @pytest.mark.slow
 def test_a_full_disk_is_one_message_a_recorded_failure_and_nothing_marked_complete(small_disk, tmp_path, tiny_dir):
-    """Two ranks under torchrun: one message (rank 0's), torchrun's one line, no traceback from anyone."""
+    """Two ranks under torchrun: one message (rank 0's), torchrun's one line, no traceback from anyone; the
+    inputs were checked once, by the node parent (its ranks skip the scan)."""
     from test_train import freeze, stage, write_spec
 
     spec = write_spec(tmp_path, tiny_dir, "full", storage=str(small_disk), resources__gpus_per_node=2,
@@ -135,6 +136,7 @@ def test_a_full_disk_is_one_message_a_recorded_failure_and_nothing_marked_comple
     state = run.read_state("train")
     assert state.status == "failed" and state.error.startswith("no space left on the storage of")
     assert not list(run.train_dir.glob("checkpoint-*")) and not run.final_dir.exists()
+    assert run.log_path("train").read_text().count("preflight passed:") == 1
 
 
 CTRL_C_AT_THE_NODE_PARENT = """

@@ -18,7 +18,7 @@ from llava_cluster.launch.interrupt import ABORTED_EXIT, on_ctrl_c
 from llava_cluster.launch.parent_death import child_dies_with_us
 from llava_cluster.rundir import PREEMPTED_EXIT, RunDir
 from llava_cluster.spec import RunSpec
-from llava_cluster.stage import record, recorded_exit, stage_argv
+from llava_cluster.stage import INPUTS_CHECKED_ENV, record, recorded_exit, stage_argv
 
 
 def stage_command(run: RunDir, stage: str) -> list[str]:
@@ -33,7 +33,8 @@ def submit(spec: RunSpec, stages: list[str], dry_run: bool) -> int:
                           soft_wrap=True)
         return 0
     with run.lock():
-        return _run_stages(run, stages, {**os.environ, **spec.env})
+        # submit has just checked the inputs on this machine: the train stage and its ranks need not again
+        return _run_stages(run, stages, {**os.environ, **spec.env, INPUTS_CHECKED_ENV: "1"})
 
 
 def _run_stages(run: RunDir, stages: list[str], env: dict[str, str]) -> int:
