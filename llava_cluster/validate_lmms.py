@@ -130,7 +130,7 @@ def failure_reason(log: Path, returncode: int) -> str:
     causes = [f"{kind}: {message}" for kind, message in EXCEPTION_LINE.findall(text) if kind not in WRAPPERS]
     said = causes[0] if causes else next(iter(ERROR_LINE.findall(text)), None)
     if said:
-        return f"lmms-eval: {said[:400]} (log: {log})"
+        return f"{said[:400]} (log: {log})"
     return f"lmms-eval exited with code {returncode} without results (log: {log})"
 
 
@@ -161,6 +161,8 @@ def _collect(out: Path) -> Path | None:
     os.replace(found[-1], out / RESULTS_NAME)
     for samples in folder.glob("*_samples_*.jsonl"):
         os.replace(samples, out / ("samples_" + samples.name.split("_samples_", 1)[1]))
+    if not any(folder.iterdir()):
+        folder.rmdir()
     return out / RESULTS_NAME
 
 

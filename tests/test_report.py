@@ -50,3 +50,25 @@ def test_report_opens_with_the_paired_comparison_and_filters_to_regressions(tmp_
     assert [page.count(f'<tr class="{k}">') for k in ("improved", "regressed", "unchanged")] == [2, 1, 1]
     assert "show('regressed')" in page and "function show(kind)" in page
     assert "<details><summary>Provenance" in page and "abc123" in page
+
+
+def test_report_shows_lmms_eval_numbers_or_why_there_are_none(tmp_path):
+    metrics = {"samples": 1, "finetuned": {"exact_match": 1.0, "token_f1": 1.0, "eval_loss": 0.1}}
+    rows = [{"image": None, "prompt": "q", "reference": "r", "finetuned_prediction": "r", "finetuned_exact_match": 1.0}]
+    metrics["lmms_eval"] = {
+        "status": "ok", "lmms_eval_version": "0.7.3", "model": "llava_hf", "limit": 50,
+        "results": str(tmp_path / "validate" / "lmms_eval" / "results.json"),
+        "tasks": {"mme": {"samples": 50, "metrics": {
+            "mme_perception_score": {"value": 1234.5, "stderr": None, "higher_is_better": True},
+            "exact_match": {"value": 0.6667, "stderr": 0.0673, "higher_is_better": True}}}}}
+    page = write_report(tmp_path / "ok", metrics, rows, None, None).read_text()
+    assert page.index("<h2>Scores") < page.index("<h2>lmms-eval</h2>") < page.index("<h2>Samples")
+    assert "lmms-eval 0.7.3, model llava_hf, at most 50 documents per task" in page
+    assert f"<code>{tmp_path / 'validate' / 'lmms_eval'}</code>" in page
+    assert "<td>mme</td><td>mme_perception_score ↑</td><td>1234</td><td>–</td><td>50</td>" in page
+    assert "<td>mme</td><td>exact_match ↑</td><td>0.6667</td><td>0.0673</td><td>50</td>" in page
+    metrics["lmms_eval"] = {"status": "skipped", "reason": "lmms-eval is not installed for /env/bin/python: <install>"}
+    page = write_report(tmp_path / "skipped", metrics, rows, None, None).read_text()
+    assert '<p class="warn">lmms-eval skipped: lmms-eval is not installed for /env/bin/python: &lt;install&gt;</p>' in page
+    del metrics["lmms_eval"]
+    assert "lmms-eval" not in write_report(tmp_path / "none", metrics, rows, None, None).read_text()
