@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,8 +73,8 @@ def skip_reason(block: LmmsEvalSpec, model_kind: str, model_dir: Path, version: 
                 "(or `llava-cluster merge`) first")
     if block.include_path and not Path(block.include_path).is_dir():
         return f"validation.lmms_eval.include_path {block.include_path} is not a folder (the local task YAMLs)"
-    if block.python and not Path(block.python).is_file():
-        return f"validation.lmms_eval.python {block.python} not found"
+    if block.python and not shutil.which(block.python):
+        return f"validation.lmms_eval.python {block.python} not found (a path, or a name on PATH)"
     if version is None:
         return (f"lmms-eval is not installed for {python}: install it (pip install lmms-eval, best in an "
                 "environment of its own, its pins clash with training's) and point validation.lmms_eval.python "

@@ -110,6 +110,9 @@ def test_missing_package_adapter_and_include_path_are_skipped_with_the_reason(tm
     nowhere = LmmsEvalSpec(tasks=["mme"], include_path=str(tmp_path / "tasks"))
     assert run_lmms_eval(nowhere, merged, "merged", tmp_path)["reason"] == (
         f"validation.lmms_eval.include_path {tmp_path / 'tasks'} is not a folder (the local task YAMLs)")
+    no_python = LmmsEvalSpec(tasks=["mme"], python=str(tmp_path / "env" / "bin" / "python"))
+    assert run_lmms_eval(no_python, merged, "merged", tmp_path)["reason"] == (
+        f"validation.lmms_eval.python {tmp_path / 'env' / 'bin' / 'python'} not found (a path, or a name on PATH)")
 
 
 def write_local_task(folder: Path, data: Path, images: Path) -> Path:
