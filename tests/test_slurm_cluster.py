@@ -2,14 +2,15 @@
 
 Every scenario is submitted at once by one module fixture (the cluster runs them side by side), then
 each test checks its own: sacct states, state files, artifacts.
-  chain       `llava-cluster submit --backend slurm`: train -> merge -> validate, three chained jobs
+  chain       `llava-cluster submit --backend slurm` from a shell whose PATH lacks the venv (as a user's
+              may): train -> merge -> validate, three chained jobs
   two_nodes   train with 2 nodes x 1 rank under ZeRO-3 (gloo), one copy of each artifact
   script      slurm/pipeline.sh (plain sbatch, afterok) on the same tiny run
   interrupted like chain's train; SIGUSR2 mid-run -> checkpoint, exit 75, requeue, resume; its final
               adapter is compared with chain's
   failing     train on broken data: train FAILED, merge/validate CANCELLED, states say why
   limit       a stage that is always preempted (max_requeues=1): requeued once, then failed clearly
-and, on their own: a run submitted from a shell whose PATH lacks the venv; a run still queued.
+and, on its own: a run still queued.
 """
 
 from __future__ import annotations
@@ -119,13 +120,16 @@ def cluster_runs(tiny_dir, tmp_path_factory):
     runs: dict[str, RunDir] = {}
     timings: dict[str, float] = {}
 
-    # chain: through the CLI, exactly as a user would
+    # chain: through the CLI, exactly as a user would, from a shell that never activated the venv
     chain = tiny_spec(tiny_dir, storage, "chain")
     spec_file = storage / "chain.yaml"
     spec_file.write_text(json.dumps(chain))
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and Path(p).resolve() != VENV_BIN.resolve())
+    no_venv = {k: v for k, v in env.items() if k != "VIRTUAL_ENV"} | {"PATH": path}
     started = time.time()
     submitted = subprocess.run([str(VENV_BIN / "llava-cluster"), "submit", str(spec_file), "--backend", "slurm"],
-                               capture_output=True, text=True, env=env)
+                               capture_output=True, text=True, env=no_venv, cwd=storage)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     runs["chain"] = RunDir(spec_from_dict(chain).run_dir)
 
@@ -177,7 +181,8 @@ def cluster_runs(tiny_dir, tmp_path_factory):
     timings.setdefault("chain", time.time() - started)
     print(f"\nsubmit-to-finish of the tiny pipeline (chain) on the local SLURM: {timings['chain']:.0f} s")
     assert not queued(all_ids), f"jobs still queued after {WAIT_SECONDS} s: {all_ids}"
-    return {"runs": runs, "signalled": signalled, "script_jobs": script_jobs, "timings": timings}
+    return {"runs": runs, "signalled": signalled, "script_jobs": script_jobs, "timings": timings,
+            "chain_path": path}
 
 
 def stage_jobs(run: RunDir) -> dict[str, list[str]]:
@@ -312,24 +317,13 @@ def test_a_run_still_queued_is_not_submitted_twice(tiny_dir, tmp_path):
         subprocess.run(["scancel", job], check=False)
 
 
-def test_submit_from_a_shell_without_the_venv_runs_every_stage(tiny_dir, tmp_path):
+def test_submit_from_a_shell_without_the_venv_runs_every_stage(cluster_runs):
     """With no container the stage runs as `<worker python> -m llava_cluster.cli`: a bare `llava-cluster`
-    would be looked up on the job's PATH, which sbatch copies from a shell that never activated the venv."""
-    spec = tiny_spec(tiny_dir, tmp_path, "no-venv", optim__max_steps=2)
-    spec_file = tmp_path / "no-venv.yaml"
-    spec_file.write_text(json.dumps(spec))
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
-                           if p and Path(p).resolve() != VENV_BIN.resolve())
-    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"} | {"PATH": path}
+    would be looked up on the job's PATH, which sbatch copies from a shell that never activated the venv
+    (the chain's)."""
+    path, run = cluster_runs["chain_path"], cluster_runs["runs"]["chain"]
     assert shutil.which("llava-cluster", path=path) is None and shutil.which("sbatch", path=path)
-    submitted = subprocess.run([str(VENV_BIN / "llava-cluster"), "submit", str(spec_file), "--backend", "slurm"],
-                               capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    run = RunDir(spec_from_dict(spec).run_dir)
     ids = [i for s in ("train", "merge", "validate") for i in job_ids(run, s)]
-    deadline = time.time() + WAIT_SECONDS
-    while queued(ids) and time.time() < deadline:
-        time.sleep(1)
     consoles = "".join(p.read_text() for p in (run.logs_dir / "slurm").glob("*_log.out"))
     assert "FileNotFoundError" not in consoles
     assert [state for _, state in sacct(ids)] == ["COMPLETED"] * 3, consoles[-3000:]
