@@ -167,6 +167,14 @@ def _collect(out: Path) -> Path | None:
     return out / RESULTS_NAME
 
 
+def _read_results(path: Path | None) -> dict[str, Any] | None:
+    """The aggregated results, None when absent or unreadable (a run killed while writing it)."""
+    try:
+        return json.loads(path.read_text()) if path else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def run_lmms_eval(block: LmmsEvalSpec, model_dir: Path, model_kind: str, out_dir: Path) -> dict[str, Any]:
     """Run the block's tasks on the merged `model_dir`; its files go to `out_dir`/lmms_eval/ (replaced
     as a whole, the log kept on failure). Returns the record for metrics.json."""
@@ -187,8 +195,7 @@ def run_lmms_eval(block: LmmsEvalSpec, model_dir: Path, model_kind: str, out_dir
         with open(out / LOG_NAME, "w") as log:
             done = subprocess.run(eval_argv(block, Path(model_dir).resolve(), out, device, dtype), cwd=out,
                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        results_file = _collect(out)
-        results = json.loads(results_file.read_text()) if results_file else None
+        results = _read_results(_collect(out))
         reason = None if results else failure_reason(out / LOG_NAME, done.returncode).replace(str(out), str(final))
     record: dict[str, Any] = {"lmms_eval_version": version, "model": block.model, "tasks_requested": block.tasks,
                               "limit": block.limit, "log": str(final / LOG_NAME)}
