@@ -9,6 +9,11 @@ streaming merge's key map all come from its entry here.
                `image_grid_pinpoints` from each image's size, so the token count depends on the image;
                `image_sizes` goes with `pixel_values`, and the learned `image_newline` vector (ends
                each row of tile features) is trained beside the projector, as in the original v1.6 recipe
+  llava_onevision  LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`, Qwen2 + SigLIP): any-resolution
+               as v1.6 on a 6x6 grid of pinpoints, but "anyres_max_9": a grid of more than ~9 tiles' features
+               is scaled down to about 9 tiles' worth, and the base tile keeps every feature (SigLIP has no
+               CLS; "full" strategy); image_newline trained beside the projector; ChatML; its processor is
+               loaded without the video processor (`onevision_processor.py`)
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class Family:
     projector: str = "multi_modal_projector"
     vision: str = "vision_tower"
     language_model: str = "language_model"  # LoRA targets are anchored under this module
+    images_only_processor: bool = False  # the stock processor also builds a video processor (torchvision)
 
     def model_cls(self) -> Any:
         import transformers
@@ -71,6 +77,10 @@ FAMILIES = {
                ("multi_modal_projector", "image_newline"),
                "mistral_instruct", anyres=True,
                disk_to_memory=(*_LLAVA_DISK_TO_MEMORY, ("image_newline", "model.image_newline"))),
+        Family("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor",
+               ("multi_modal_projector", "image_newline"), "chatml", anyres=True,
+               disk_to_memory=(*_LLAVA_DISK_TO_MEMORY, ("image_newline", "model.image_newline")),
+               images_only_processor=True),
     )
 }
 
@@ -114,6 +124,8 @@ class ImageTokens:
     llava: fixed, from the square model input. llava_next: the processor's own count for the image's
     (height, width): base tile features + the unpadded grid of the best `image_grid_pinpoints`
     resolution + one `image_newline` per feature row, minus CLS under the "default" strategy.
+    llava_onevision: the same count by its own processor, the unpadded grid scaled down by
+    `anyres_max_9` when it exceeds 9 tiles' features by more than 10% (in each side: floor(side / ratio)).
     """
 
     def __init__(self, processor: Any, family: Family) -> None:

@@ -65,11 +65,16 @@ def template_for(path: str | Path, name: str | None = None) -> str:
 
 
 def load_processor(path: str | Path) -> ProcessorMixin:
-    """The family's processor (tokenizer + image processor) saved next to the model."""
-    read_llava_config(path)
-    from transformers import AutoProcessor
+    """The family's processor (tokenizer + image processor) saved next to the model; OneVision's
+    without its video processor (images only, no torchvision)."""
+    if model_family(path).images_only_processor:
+        from llava_cluster.model.onevision_processor import load_images_only
 
-    processor = AutoProcessor.from_pretrained(str(path))
+        processor = load_images_only(str(path))
+    else:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(path))
     if not hasattr(processor, "image_processor"):
         raise UserError(
             f"{path} has a tokenizer but no image processor (processor_config.json or "
