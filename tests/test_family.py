@@ -2,7 +2,8 @@
 here with llava-v1.6-mistral's config fields: family from config.json, the processor's per-image token
 count from the image size, any-resolution tiles through dataset, collator and packing, LoRA/QLoRA
 trainables (image_newline beside the projector), merge in memory and streamed with --verify, and
-validate. The 2-rank ZeRO-3 `submit` of the whole pipeline is the slow test at the end."""
+validate. The QLoRA `submit` of the whole pipeline is the slow test at the end; the 2-rank ZeRO-3 LoRA
+train of this base is the LLaVA-NeXT recipe's in tests/test_recipes.py."""
 
 from __future__ import annotations
 
@@ -42,11 +43,12 @@ def test_family_comes_from_config_json_not_the_folder_name(tmp_path, tiny_next_d
 
 def test_an_unsupported_family_is_refused_with_the_exact_list():
     with pytest.raises(UserError) as err:
-        family_of({"model_type": "llava_onevision"})
+        family_of({"model_type": "llava_next_video"})
     assert err.value.message == (
-        "model_type 'llava_onevision' is not a family llava-cluster fine-tunes; supported: "
+        "model_type 'llava_next_video' is not a family llava-cluster fine-tunes; supported: "
         "LlavaForConditionalGeneration (model_type 'llava'), "
-        "LlavaNextForConditionalGeneration (model_type 'llava_next')")
+        "LlavaNextForConditionalGeneration (model_type 'llava_next'), "
+        "LlavaOnevisionForConditionalGeneration (model_type 'llava_onevision')")
 
 
 @pytest.fixture(scope="module")
@@ -279,10 +281,9 @@ def test_validate_scores_the_merged_llava_next(next_adapter, tiny_next_dir, tmp_
     assert metrics and (tmp_path / "v" / "predictions.jsonl").is_file()
 
 
-def submitted(tmp_path: Path, tiny_next_dir, name: str, stages: tuple[str, ...] = ("train", "merge", "validate"),
-              **sections) -> Path:
-    """`llava-cluster submit SPEC --backend local` (or `train SPEC` for the train stage alone) of a few
-    steps; every stage run must succeed."""
+def submitted(tmp_path: Path, tiny_next_dir, name: str, **sections) -> Path:
+    """`llava-cluster submit SPEC --backend local` of a few steps; train, merge and validate must succeed.
+    (The 2-rank ZeRO-3 LoRA train of a llava_next base is tests/test_recipes.py's LLaVA-NeXT recipe.)"""
     import os
 
     spec = {
@@ -304,16 +305,14 @@ def submitted(tmp_path: Path, tiny_next_dir, name: str, stages: tuple[str, ...] 
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = ["train", str(path)] if stages == ("train",) else ["submit", str(path), "--backend", "local"]
-    proc = subprocess.run([sys.executable, "-m", "llava_cluster.cli", *command],
+    proc = subprocess.run([sys.executable, "-m", "llava_cluster.cli", "submit", str(path), "--backend", "local"],
                           env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     run = tmp_path / "storage" / "runs" / name
-    for stage in stages:
+    for stage in ("train", "merge", "validate"):
         assert json.loads((run / "state" / f"{stage}.json").read_text())["status"] == "succeeded"
-    if "merge" in stages:
-        assert json.loads((run / "merged" / "llava_cluster_merge.json").read_text())["verification"] != "none"
-        assert json.loads((run / "validate" / "metrics.json").read_text())
+    assert json.loads((run / "merged" / "llava_cluster_merge.json").read_text())["verification"] != "none"
+    assert json.loads((run / "validate" / "metrics.json").read_text())
     return run
 
 
@@ -321,16 +320,6 @@ def load_file_dict(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
-
-
-@pytest.mark.slow
-def test_two_ranks_zero3_lora_train_a_llava_next_base(tmp_path, tiny_next_dir):
-    """`train` (local, 2 CPU ranks, ZeRO-3, LoRA) of a llava_next base: the trained image_newline is
-    gathered and saved (merge and validate of the family run in the QLoRA pipeline below and in process)."""
-    run = submitted(tmp_path, tiny_next_dir, "next-z3", stages=("train",))
-    saved = load_file_dict(run / "train" / "final" / "non_lora_trainables.safetensors")
-    base = load_llava(tiny_next_dir.model)
-    assert not torch.equal(saved["model.image_newline"], base.model.image_newline.detach())
 
 
 @pytest.mark.slow
