@@ -10,13 +10,11 @@ import logging
 import os
 import signal
 import subprocess
-import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from llava_cluster.errors import UserError
 from llava_cluster.launch.interrupt import (
@@ -28,13 +26,20 @@ from llava_cluster.launch.interrupt import (
     stopped_note,
 )
 from llava_cluster.launch.parent_death import child_dies_with_us, end_with_torchrun
-from llava_cluster.rundir import HEARTBEAT_SECONDS, PREEMPTED_EXIT, STAGES, RunDir, is_rank0
+from llava_cluster.rundir import PREEMPTED_EXIT, STAGES, RunDir, is_rank0
+from llava_cluster.stage_record import (
+    FAILED_EXIT,
+    RECORDED_EXITS,
+    Heartbeat,
+    aborted_note,
+    record,
+    recorded_exit,
+    say_disk_full,
+)
 
 if TYPE_CHECKING:
     from llava_cluster.spec import RunSpec
 
-FAILED_EXIT = 1
-RECORDED_EXITS = {"succeeded": 0, "preempted": PREEMPTED_EXIT}
 # set for a train stage whose inputs were checked on this node already (by its node parent, or by the local
 # submit that started it): it need not scan them again
 INPUTS_CHECKED_ENV = "LLAVA_CLUSTER_INPUTS_CHECKED"
@@ -46,64 +51,6 @@ def stage_argv(stage: str, run_dir: str | Path, spec_file: str | Path | None = N
     command (local, torchrun's ranks, SLURM tasks, the pods' entrypoint); `register` below reads it."""
     argv = ["stage", stage, "--run-dir", str(run_dir)]
     return argv + ["--spec", str(spec_file)] if spec_file is not None else argv
-
-
-def recorded_exit(run: RunDir, stage: str, code: int, attempts_before: int) -> int:
-    """A stage's exit is its recorded result: once this attempt has recorded success (or a preemption
-    with its checkpoint), a rank that crashes while tearing down does not turn it into a failure.
-    An exit that agrees with the record needs no attempt count (another node's rank 0 may have
-    counted this attempt before we read `attempts_before`)."""
-    state = run.read_state(stage)
-    expected = RECORDED_EXITS.get(state.status)
-    if expected is not None and (state.attempts > attempts_before or code == expected):
-        if code not in (0, expected):
-            from llava_cluster.console import err_console
-
-            err_console.print(f"[yellow]{stage}: a process exited with code {code} after the stage recorded "
-                              f"'{state.status}'; keeping that result[/]")
-        return expected
-    return code or FAILED_EXIT
-
-
-def record(write: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
-    """Write stage state, or say plainly why it could not be written (a full disk): never a traceback."""
-    try:
-        write(*args, **kwargs)
-        return True
-    except OSError as err:
-        from llava_cluster.console import print_message
-
-        print_message("error", "bold red", f"could not record the stage state in the run directory: {err}")
-        return False
-
-
-class Heartbeat:
-    """Rank 0 of a running stage rewrites state/<stage>.heartbeat.json every HEARTBEAT_SECONDS from a
-    daemon thread, so `status` can tell a live stage from one whose process died without a word."""
-
-    def __init__(self, run: RunDir, stage: str, every: float = HEARTBEAT_SECONDS) -> None:
-        self.run, self.stage, self.every = run, stage, every
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name=f"heartbeat-{stage}", daemon=True)
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                self.run.beat(self.stage)
-            except OSError:  # a full or unreachable disk: the stage itself will say so
-                pass
-            if self.stopped.wait(self.every):
-                return
-
-    def __enter__(self) -> Heartbeat:
-        if is_rank0():
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        if self.thread.is_alive():
-            self.thread.join()
 
 
 class _StageLog(logging.FileHandler):
@@ -168,7 +115,7 @@ def _run_ranks_under_torchrun(run: RunDir, stage: str, launch: object) -> int:
         from llava_cluster.diskfull import is_nearly_full
 
         if is_nearly_full(run.root):  # another rank hit it and stays quiet: rank 0 was killed before saying it
-            _say_disk_full(run, stage)
+            say_disk_full(run, stage)
         else:
             record(run.mark_done, stage, error=f"ranks exited with code {code} before recording a result")
     return result
@@ -256,7 +203,7 @@ def run_stage(stage: str, run_dir: Path, spec_file: Path | None = None) -> int:
         record(run.mark_done, stage, error=err.message)
         raise
     except KeyboardInterrupt:  # Ctrl-C before training could checkpoint, or a second one
-        why = _aborted_note(run, stage)
+        why = aborted_note(run, stage)
         logging.getLogger("llava_cluster").error(why)
         record(run.update_state, stage, status="cancelled", error=why)
         raise
@@ -285,33 +232,13 @@ def run_stage(stage: str, run_dir: Path, spec_file: Path | None = None) -> int:
     return code if recorded else FAILED_EXIT
 
 
-def _aborted_note(run: RunDir, stage: str) -> str:
-    last = run.last_checkpoint() if stage == "train" else None
-    then = f"run it again to resume from {last.name}" if last else "run it again to start it over"
-    return f"{stage} aborted (Ctrl-C) — {then}"
-
-
 def _disk_full(run: RunDir, stage: str, handler: logging.Handler | None) -> int:
     """One message, from rank 0 (or the node parent, when rank 0 was killed first), no traceback."""
     if handler is not None:
         logging.getLogger().removeHandler(handler)
     if is_rank0():
-        _say_disk_full(run, stage)
+        say_disk_full(run, stage)
     return FAILED_EXIT
-
-
-def _say_disk_full(run: RunDir, stage: str) -> None:
-    """The half-written checkpoint (never resumed from) goes first, so that the failure can be recorded."""
-    from llava_cluster.console import print_message
-    from llava_cluster.diskfull import disk_full_message
-
-    if stage == "train":
-        from llava_cluster.train.run import drop_incomplete_checkpoints
-
-        drop_incomplete_checkpoints(run)
-    message = disk_full_message(run.root, run.last_checkpoint() if stage == "train" else None)
-    print_message("error", "bold red", message)
-    record(run.mark_done, stage, error=message)
 
 
 def register(parser: argparse.ArgumentParser) -> None:

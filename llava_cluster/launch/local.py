@@ -18,7 +18,8 @@ from llava_cluster.launch.interrupt import ABORTED_EXIT, on_ctrl_c
 from llava_cluster.launch.parent_death import child_dies_with_us
 from llava_cluster.rundir import PREEMPTED_EXIT, RunDir
 from llava_cluster.spec import RunSpec
-from llava_cluster.stage import INPUTS_CHECKED_ENV, record, recorded_exit, stage_argv
+from llava_cluster.stage import INPUTS_CHECKED_ENV, stage_argv
+from llava_cluster.stage_record import record, recorded_exit
 
 
 def stage_command(run: RunDir, stage: str) -> list[str]:
