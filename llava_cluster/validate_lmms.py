@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from llava_cluster.spec.lmms_eval import LmmsEvalSpec
 
 OUT_NAME = "lmms_eval"  # validate/lmms_eval/: results.json, samples_<task>.jsonl, lmms_eval.log
 LOG_NAME = "lmms_eval.log"
@@ -29,25 +29,6 @@ ERROR_LINE = re.compile(r"Error during evaluation: (.*?)\.? Please set `--verbos
 EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(\w*(?:Error|Exception)): (.+)$", re.MULTILINE)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 WRAPPERS = ("RetryError",)  # tenacity's: the error it retried is the one to show
-
-
-class LmmsEvalSpec(BaseModel):
-    """`validation.lmms_eval`: which lmms-eval tasks to run on the merged model, and how."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    tasks: list[str] = Field(min_length=1, description="lmms-eval task (or group) names, e.g. [mme, textvqa_val]")
-    limit: int | None = Field(None, ge=1, description="at most this many documents per task (None: all)")
-    batch_size: int = Field(1, ge=1, description="lmms-eval's --batch_size (its llava_hf model takes 1 only)")
-    include_path: str | None = Field(None, description="folder of local task YAMLs (lmms-eval --include_path)")
-    model: str = Field("llava_hf", description="lmms-eval model backend that loads the merged checkpoint")
-    python: str | None = Field(None, description="interpreter that has lmms-eval installed (default: this one)")
-
-    @model_validator(mode="after")
-    def _llava_hf_batch(self) -> LmmsEvalSpec:
-        if self.model == "llava_hf" and self.batch_size != 1:
-            raise ValueError("lmms-eval's llava_hf model generates one document at a time: batch_size must be 1")
-        return self
 
 
 def interpreter(block: LmmsEvalSpec) -> str:

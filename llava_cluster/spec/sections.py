@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llava_cluster.errors import UserError
 from llava_cluster.precision import Precision
+from llava_cluster.spec.base import Section
 from llava_cluster.spec.deepspeed import DEEPSPEED_PRESETS, deepspeed_section_refused, visible_deepspeed_setup
+from llava_cluster.spec.lmms_eval import LmmsEvalSpec
 from llava_cluster.spec.text import (
     ENV_KEY,
     K8S_LABEL,
@@ -32,18 +34,13 @@ from llava_cluster.spec.text import (
     looks_secret,
     must_match,
 )
-from llava_cluster.validate_lmms import LmmsEvalSpec
 
 # The language model's projections only: CLIP's vision layers use the same q/k/v names.
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 PATH_FIELDS = ("storage", "model.base", "data.train", "data.eval", "data.image_folder")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelSpec(_Section):
+class ModelSpec(Section):
     base: str = Field(description="path to a Hugging Face LLaVA checkpoint (LlavaForConditionalGeneration)")
     template: str = Field("vicuna_v1", description="conversation template")
 
@@ -57,7 +54,7 @@ class ModelSpec(_Section):
         return value
 
 
-class DataSpec(_Section):
+class DataSpec(Section):
     train: str
     eval: str | None = None
     image_folder: str | None = None
@@ -66,7 +63,7 @@ class DataSpec(_Section):
     num_workers: int = Field(4, ge=0)
 
 
-class LoraSpec(_Section):
+class LoraSpec(Section):
     r: int = Field(128, ge=1)
     alpha: float = Field(256, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -82,7 +79,7 @@ class LoraSpec(_Section):
         return value
 
 
-class OptimSpec(_Section):
+class OptimSpec(Section):
     lr: float = Field(2e-4, gt=0)
     projector_lr: float = Field(2e-5, ge=0)
     epochs: float = Field(1.0, gt=0)
@@ -96,7 +93,7 @@ class OptimSpec(_Section):
     seed: int = 42
 
 
-class TrainingSpec(_Section):
+class TrainingSpec(Section):
     deepspeed: str = Field("zero3", description="zero2 | zero3 | zero3_offload | path to a DeepSpeed JSON")
     deepspeed_overrides: dict[str, Any] = Field(
         default_factory=dict, description="deep-merged into the DeepSpeed config, e.g. {zero_optimization: {...}}"
@@ -128,7 +125,7 @@ class TrainingSpec(_Section):
         return value
 
 
-class ResourcesSpec(_Section):
+class ResourcesSpec(Section):
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(8, ge=1, description="ranks per node (on a CPU-only machine: CPU processes)")
     cpus_per_task: int = Field(8, ge=1)
@@ -148,7 +145,7 @@ class ResourcesSpec(_Section):
     })
 
 
-class ContainerSpec(_Section):
+class ContainerSpec(Section):
     runtime: Literal["none", "pyxis", "apptainer"] = "none"
     image: str | None = None
     mounts: list[str] = Field(default_factory=list, description="extra host:container mounts")
@@ -168,7 +165,7 @@ class ContainerSpec(_Section):
         return self
 
 
-class SlurmSpec(_Section):
+class SlurmSpec(Section):
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -199,7 +196,7 @@ class SlurmSpec(_Section):
         return value
 
 
-class K8sSpec(_Section):
+class K8sSpec(Section):
     namespace: str = "default"
     image: str = "ghcr.io/llava-cluster/llava-cluster:0.1.0"
     claim: str = "llava-shared"
@@ -250,7 +247,7 @@ class K8sSpec(_Section):
         return self
 
 
-class MergeSpec(_Section):
+class MergeSpec(Section):
     into: Literal["base", "dequantized"] = "base"
     verify: bool = True
     dtype: Precision | None = Field(None, description="merged weights (default: the base's)")
@@ -258,7 +255,7 @@ class MergeSpec(_Section):
         "final", description="merge train/final, or the checkpoint with the lowest held-out eval loss")
 
 
-class ValidationSpec(_Section):
+class ValidationSpec(Section):
     max_samples: int | None = Field(200, ge=1)
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(64, ge=1)
@@ -269,7 +266,7 @@ class ValidationSpec(_Section):
         None, description="also run these lmms-eval tasks on the merged model (validate_lmms.py)")
 
 
-class RunSpec(_Section):
+class RunSpec(Section):
     name: str = Field(pattern=r"^[a-z0-9]([a-z0-9.-]{0,50}[a-z0-9])?$")
     storage: str = Field(description="shared storage root; the run lives in <storage>/runs/<name>")
     method: Literal["lora", "qlora"] = "lora"
