@@ -35,7 +35,12 @@ def test_overrides_parse_yaml_values_and_relative_paths_become_absolute(tmp_path
 
 
 @pytest.mark.parametrize("body, overrides, expected", [
-    ({}, ["optim.lrr=1"], "optim.lrr: unknown key"),
+    ({}, ["optim.lrr=1"], "optim.lrr: unknown key; did you mean 'optim.lr'?"),
+    ({"validation": {"lmms_eval": {"tasks": ["mme"], "limt": 5}}}, [],
+     "validation.lmms_eval.limt: unknown key; did you mean 'validation.lmms_eval.limit'?"),
+    ({}, ["validation.lmms_eval.tasks=[mme]", "validation.lmms_eval.include_paths=t"],
+     "validation.lmms_eval.include_paths: unknown key; did you mean 'validation.lmms_eval.include_path'? "
+     "[from the command line: validation.lmms_eval.include_paths=t]"),
     ({}, ["optim.lr"], "is not key=value"),
     ({"data": None}, [], "data: required, missing"),
 ])

@@ -8,7 +8,7 @@ absolute paths: every node of a cluster must see them at the same place (shared 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -67,15 +67,22 @@ def parse_yaml(text: str, source: str) -> Any:
                         f"!!python or other tags): {err}") from None
 
 
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    """The section a field holds, also when it is optional (`LmmsEvalSpec | None`)."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def _keys_at(loc: tuple[Any, ...]) -> list[str]:
     """The keys a spec section accepts, for a did-you-mean on an unknown one."""
-    model: Any = RunSpec
+    model: type[BaseModel] | None = RunSpec
     for part in loc:
         field = model.model_fields.get(part) if isinstance(part, str) else None
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        model = _section_of(getattr(field, "annotation", None))
+        if model is None:
             return []
-        model = annotation
     return list(model.model_fields)
 
 
