@@ -2,7 +2,9 @@
 checkpointing, method (LoRA / QLoRA) and optimizer groups, with only the sizes shrunk.
 
 The base of the 13B recipes is the llava-hf miniature (tests/llava_hf_fixture.py: fp16, sharded, the
-hub's key layout, the real Llama-2 tokenizer); tiny-local keeps its own tiny model. Multi-rank recipes
+hub's key layout, the real Llama-2 tokenizer); the LLaVA-NeXT recipe's is the tiny llava_next base
+(tests/llava_next_fixture.py: images of several aspect ratios, so tile counts differ within a batch, and
+image_newline trains beside the projector); tiny-local keeps its own tiny model. Multi-rank recipes
 run on 2 CPU ranks, ZeRO-3 with the persistence threshold at 0 so that every parameter is really
 partitioned. The train set is exactly one global batch, so each step sees the same samples and the
 loss must fall. The precision rule is checked where it matters: saved trainables in the compute dtype,
@@ -30,10 +32,12 @@ RANKS = 2
 BATCH = 1  # per rank
 MAX_R = 8
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BASES = {"tiny-local.yaml": "tiny_dir", "llava-next-mistral-7b-lora.yaml": "tiny_next_dir"}  # else llava_hf_dir
 
 
 def test_every_recipe_is_covered():
-    assert RECIPES == ["lora-13b-multinode.yaml", "qlora-13b-1node.yaml", "tiny-local.yaml"]
+    assert RECIPES == ["llava-next-mistral-7b-lora.yaml", "lora-13b-multinode.yaml", "qlora-13b-1node.yaml",
+                       "tiny-local.yaml"]
 
 
 def test_llava_hf_miniature_loads_as_it_is(llava_hf_dir):
@@ -113,7 +117,7 @@ def test_scaling_changes_only_sizes_and_paths(recipe, tmp_path, llava_hf_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_shipped_recipe_trains_scaled_down(recipe, tmp_path, tiny_dir, llava_hf_dir, capsys):
+def test_shipped_recipe_trains_scaled_down(recipe, tmp_path, request, capsys):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from peft import PeftModel
 
@@ -122,7 +126,7 @@ def test_shipped_recipe_trains_scaled_down(recipe, tmp_path, tiny_dir, llava_hf_
     from llava_cluster.rundir import RunDir
     from llava_cluster.spec.frozen import freeze
 
-    base = tiny_dir if recipe == "tiny-local.yaml" else llava_hf_dir
+    base = request.getfixturevalue(BASES.get(recipe, "llava_hf_dir"))
     spec = scaled(recipe, tmp_path, base)
     run = RunDir(spec.run_dir)
     freeze(spec, run)
@@ -143,7 +147,9 @@ def test_shipped_recipe_trains_scaled_down(recipe, tmp_path, tiny_dir, llava_hf_
     final = run.final_dir
     dtype = DTYPES[spec.training.precision]
     projector = load_file(str(final / "non_lora_trainables.safetensors"))
-    assert set(projector) == {f"model.multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    newline = {"model.image_newline"} if recipe.startswith("llava-next") else set()
+    assert set(projector) == {f"model.multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")
+                              } | newline
     assert {t.dtype for t in projector.values()} == {dtype}
     adapter = load_file(str(final / "adapter_model.safetensors"))
     assert adapter and {t.dtype for t in adapter.values()} == {dtype}
@@ -162,6 +168,10 @@ def test_shipped_recipe_trains_scaled_down(recipe, tmp_path, tiny_dir, llava_hf_
     before = reference.model.multi_modal_projector.linear_1.weight.detach().to(dtype)
     trained = projector["model.multi_modal_projector.linear_1.weight"]
     assert trained.shape == before.shape and not torch.equal(trained, before), "projector did not train"
+    if newline:  # gathered whole from its ZeRO-3 partitions, and trained
+        untrained = reference.model.image_newline.detach().to(dtype)
+        assert projector["model.image_newline"].shape == untrained.shape
+        assert not torch.equal(projector["model.image_newline"], untrained), "image_newline did not train"
     model = PeftModel.from_pretrained(reference, str(final))
     assert model.peft_config["default"].r == spec.lora.r
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
