@@ -3,8 +3,8 @@ checkpointing, method (LoRA / QLoRA) and optimizer groups, with only the sizes s
 
 The base of the 13B recipes is the llava-hf miniature (tests/llava_hf_fixture.py: fp16, sharded, the
 hub's key layout, the real Llama-2 tokenizer); the LLaVA-NeXT recipe's is the tiny llava_next base
-(tests/llava_next_fixture.py: images of several aspect ratios, so tile counts differ within a batch, and
-image_newline trains beside the projector); tiny-local keeps its own tiny model. Multi-rank recipes
+(tests/llava_next_fixture.py: images of several aspect ratios, so the two ranks get different tile counts,
+and image_newline trains beside the projector); tiny-local keeps its own tiny model. Multi-rank recipes
 run on 2 CPU ranks, ZeRO-3 with the persistence threshold at 0 so that every parameter is really
 partitioned. The train set is exactly one global batch, so each step sees the same samples and the
 loss must fall. The precision rule is checked where it matters: saved trainables in the compute dtype,
