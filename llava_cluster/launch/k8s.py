@@ -43,7 +43,7 @@ from llava_cluster.launch.k8s_pod import TRAIN_RESTARTS, k8s_name, meta, pod, qu
 from llava_cluster.launch.k8s_trainer import train_stage
 from llava_cluster.launch.k8s_wait import WAIT_FAILED_EXIT, waiter_args
 from llava_cluster.rundir import PREEMPTED_EXIT
-from llava_cluster.spec import PATH_FIELDS, RunSpec
+from llava_cluster.spec import RunSpec, local_paths
 
 FINISHED_TTL = 7 * 24 * 3600  # finished Jobs (and their logs) stay a week
 UPSTREAM = {"merge": "train", "validate": "merge"}
@@ -52,16 +52,8 @@ UPSTREAM = {"merge": "train", "validate": "merge"}
 def paths_outside_mount(spec: RunSpec) -> list[str]:
     """Spec paths a pod would not see: everything must live on the shared volume."""
     mount = PurePosixPath(spec.k8s.mount_path)
-    fields = list(PATH_FIELDS)
-    if spec.training.deepspeed.endswith(".json"):
-        fields.append("training.deepspeed")
-    outside = []
-    for dotted in fields:
-        section, _, attr = dotted.rpartition(".")
-        value = getattr(getattr(spec, section) if section else spec, attr)
-        if value and "://" not in value and not PurePosixPath(value).is_relative_to(mount):
-            outside.append(f"{dotted}: {value}")
-    return outside
+    return [f"{dotted}: {value}" for dotted, value in local_paths(spec).items()
+            if not PurePosixPath(value).is_relative_to(mount)]
 
 
 def _config_map(spec: RunSpec) -> dict[str, Any]:

@@ -6,7 +6,8 @@ messages that say what to change, then frozen into the run directory as `spec.ya
   lmms_eval.py  the optional validation.lmms_eval block
   text.py       what a spec's strings may contain: no control characters, SLURM/Kubernetes syntax, no secrets
   deepspeed.py  the DeepSpeed setup a spec resolves to (preset or JSON + overrides): ZeRO stage, offload
-  load.py       YAML, overrides, error messages, absolute paths
+  load.py       YAML, overrides, error messages
+  paths.py      which fields are paths (made absolute at load), fields by dotted name
   frozen.py     spec.yaml in a run directory (imported from there: it needs the run directory)
 """
 
@@ -18,9 +19,9 @@ from llava_cluster.spec.deepspeed import (
 )
 from llava_cluster.spec.lmms_eval import LmmsEvalSpec
 from llava_cluster.spec.load import apply_override, load_spec, parse_yaml, spec_from_dict
+from llava_cluster.spec.paths import PATH_FIELDS, local_paths
 from llava_cluster.spec.sections import (
     DEFAULT_LORA_TARGETS,
-    PATH_FIELDS,
     ContainerSpec,
     DataSpec,
     K8sSpec,
@@ -40,5 +41,5 @@ __all__ = [
     "DEEPSPEED_PRESETS", "DEFAULT_LORA_TARGETS", "PATH_FIELDS", "SLURM_TIME", "ContainerSpec", "DataSpec",
     "DeepSpeedSetup", "K8sSpec", "LmmsEvalSpec", "LoraSpec", "MergeSpec", "ModelSpec", "OptimSpec", "ResourcesSpec", "RunSpec",
     "SlurmSpec", "TrainingSpec", "ValidationSpec", "apply_override", "deepspeed_section_refused",
-    "deepspeed_setup", "load_spec", "looks_secret", "parse_yaml", "spec_from_dict",
+    "deepspeed_setup", "load_spec", "local_paths", "looks_secret", "parse_yaml", "spec_from_dict",
 ]

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ValidationError
 from yaml.composer import ComposerError
 
 from llava_cluster.errors import UserError
-from llava_cluster.spec.sections import PATH_FIELDS, RunSpec
+from llava_cluster.spec.paths import make_absolute
+from llava_cluster.spec.sections import RunSpec
 
 MAX_SPEC_BYTES = 1 << 20
 MAX_SPEC_DEPTH = 32
@@ -116,18 +117,7 @@ def spec_from_dict(data: dict[str, Any], source: str = "spec", overrides: list[s
     except ValidationError as err:
         given = {a.split("=", 1)[0].strip(): a for a in overrides}
         raise UserError(_format_errors(source, err, given)) from None
-    return _absolute_paths(spec, Path.cwd())
-
-
-def _absolute_paths(spec: RunSpec, base: Path) -> RunSpec:
-    for dotted in PATH_FIELDS:
-        section, _, attr = dotted.rpartition(".")
-        owner = getattr(spec, section) if section else spec
-        value = getattr(owner, attr)
-        if value and "://" not in value:
-            setattr(owner, attr, str((base / Path(value).expanduser()).resolve()))
-    if spec.training.deepspeed.endswith(".json"):
-        spec.training.deepspeed = str((base / spec.training.deepspeed).resolve())
+    make_absolute(spec, Path.cwd())
     return spec
 
 

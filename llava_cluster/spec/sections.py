@@ -18,6 +18,7 @@ from llava_cluster.precision import Precision
 from llava_cluster.spec.base import Section
 from llava_cluster.spec.deepspeed import DEEPSPEED_PRESETS, deepspeed_section_refused, visible_deepspeed_setup
 from llava_cluster.spec.lmms_eval import LmmsEvalSpec
+from llava_cluster.spec.paths import PATH_FIELDS, field_value
 from llava_cluster.spec.text import (
     ENV_KEY,
     K8S_LABEL,
@@ -37,7 +38,6 @@ from llava_cluster.spec.text import (
 
 # The language model's projections only: CLIP's vision layers use the same q/k/v names.
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-PATH_FIELDS = ("storage", "model.base", "data.train", "data.eval", "data.image_folder")
 
 
 class ModelSpec(Section):
@@ -327,15 +327,11 @@ class RunSpec(Section):
             raise ValueError("merge.into=dequantized only applies to method=qlora; use merge.into=base")
         if self.slurm.container.runtime != "none":
             for dotted in PATH_FIELDS:
-                value = self._dotted(dotted)
+                value = field_value(self, dotted)
                 if value and "," in value:
                     raise ValueError(f"{dotted}: {value!r} holds a comma, which would split the container's "
                                      "mount list; move it to a path without commas")
         return self
-
-    def _dotted(self, dotted: str) -> Any:
-        section, _, attr = dotted.rpartition(".")
-        return getattr(getattr(self, section) if section else self, attr)
 
     @property
     def run_dir(self) -> Path:
