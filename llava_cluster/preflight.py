@@ -12,6 +12,9 @@ first few images), and every problem found is reported at once, each naming its 
   data        data.train / data.eval parse, hold samples, and the first image paths resolve to
               readable images inside data.image_folder
   run name    the run directory is free or holds the same spec
+  lmms-eval   validation.lmms_eval can run: data.eval is set, include_path is a folder, and where the
+              validate stage uses this machine's interpreter (local, SLURM without a container) the
+              package is installed for it (~0.1 s: its metadata, not an import)
 """
 
 from __future__ import annotations
@@ -129,9 +132,50 @@ def _problems_of_inputs(spec: RunSpec) -> list[str]:
     return problems
 
 
-def problems(spec: RunSpec, *, run_name: bool = True) -> list[str]:
-    """Every problem found, one line each, naming the spec field it concerns."""
-    found = model_problems(spec) + _problems_of_inputs(spec)
+def lmms_eval_interpreter_is_here(spec: RunSpec, backend: str | None) -> bool:
+    """Whether the validate stage will start lmms-eval with an interpreter this machine can ask: on
+    the local backend, or on SLURM without a container when that interpreter is the block's own or the
+    submitting venv's (slurm.python unset). A container's, a pod's or slurm.python's environment is
+    not this one: lmms-eval may well be installed there."""
+    if backend == "local":
+        return True
+    if backend == "slurm" and spec.slurm.container.runtime == "none":
+        return bool(spec.validation.lmms_eval.python) or not spec.slurm.python
+    return False
+
+
+def _problems_of_lmms_eval(spec: RunSpec, backend: str | None) -> list[str]:
+    """A requested lmms-eval run that would be skipped after training (the validate stage keeps its own
+    scores and only warns): said now, when the fix costs a minute, not hours of training later."""
+    import shutil
+
+    from llava_cluster.validate_lmms import installed_version, interpreter
+
+    block = spec.validation.lmms_eval
+    if block is None:
+        return []
+    found = []
+    if not spec.data.eval:
+        found.append("validation.lmms_eval: runs in the validate stage, which needs held-out samples: set "
+                     "data.eval or remove validation.lmms_eval")
+    if block.include_path and not Path(block.include_path).is_dir():
+        found.append(f"validation.lmms_eval.include_path: folder not found: {block.include_path} (the local "
+                     "task YAMLs)")
+    if lmms_eval_interpreter_is_here(spec, backend):
+        python = interpreter(block)
+        if block.python and not shutil.which(block.python):
+            found.append(f"validation.lmms_eval.python: {block.python} not found (a path, or a name on PATH)")
+        elif installed_version(python) is None:
+            found.append(f"validation.lmms_eval: lmms-eval is not installed for {python}: install it (pip install "
+                         "lmms-eval, best in an environment of its own, its pins clash with training's) and point "
+                         "validation.lmms_eval.python at that environment's python, or remove validation.lmms_eval")
+    return found
+
+
+def problems(spec: RunSpec, *, run_name: bool = True, backend: str | None = None) -> list[str]:
+    """Every problem found, one line each, naming the spec field it concerns. `backend` (submit's) says
+    where the validate stage will run: lmms-eval's package is checked only where that is this machine."""
+    found = model_problems(spec) + _problems_of_inputs(spec) + _problems_of_lmms_eval(spec, backend)
     if not found:  # a tokenizer is only worth loading from a base that is a LLaVA
         found += _problems_of_tokenizer(spec)
     found += _problems_of_data("data.train", spec.data.train, spec.data.image_folder)
@@ -142,9 +186,10 @@ def problems(spec: RunSpec, *, run_name: bool = True) -> list[str]:
     return found
 
 
-def preflight(spec: RunSpec, *, run_name: bool = True, what: str = "submitting") -> None:
+def preflight(spec: RunSpec, *, run_name: bool = True, what: str = "submitting",
+              backend: str | None = None) -> None:
     """Raise one UserError listing every problem; return quietly when the run can start."""
-    found = problems(spec, run_name=run_name)
+    found = problems(spec, run_name=run_name, backend=backend)
     if found:
         lines = "\n".join(f"  {p}" for p in found)
         raise UserError(f"run {spec.name!r} cannot start ({len(found)} problem(s) found before {what}):\n{lines}")

@@ -32,7 +32,8 @@ def submit(spec_path: Path, overrides: list[str], backend: str, dry_run: bool,
         err_console.print("inputs are not visible from here (cluster volume): checked in the pod before training")
         stages = [s for s in STAGES if s != "validate" or spec.data.eval]
     else:
-        preflight(spec, what="submitting" if not dry_run else "submitting (dry run: a real submit stops here too)")
+        preflight(spec, what="submitting" if not dry_run else "submitting (dry run: a real submit stops here too)",
+                  backend=backend)
         if not dry_run:
             freeze(spec, run)
         stages = pending_stages(spec, run)

@@ -174,3 +174,57 @@ def test_a_deepspeed_json_missing_here_is_a_preflight_problem(tmp_path, tiny_dir
     missing = tmp_path / "ds.json"
     found = problems(load_spec(write_spec(tmp_path, tiny_dir, training={"deepspeed": str(missing)})))
     assert found == [f"training.deepspeed: file not found: {missing}"]
+
+
+def environment_with_lmms_eval(folder: Path) -> Path:
+    """An interpreter whose environment has lmms-eval's package metadata (what preflight reads; the
+    package itself does not install beside training's pins): this python with a site folder added."""
+    info = folder / "site" / "lmms_eval-0.7.3.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lmms_eval\nVersion: 0.7.3\n")
+    python = folder / "bin" / "python"
+    python.parent.mkdir()
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={folder / "site"} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    return python
+
+
+NOT_INSTALLED = ("validation.lmms_eval: lmms-eval is not installed for {}: install it (pip install lmms-eval, best "
+                 "in an environment of its own, its pins clash with training's) and point validation.lmms_eval.python "
+                 "at that environment's python, or remove validation.lmms_eval")
+
+
+def test_an_lmms_eval_block_that_would_be_skipped_after_training_is_refused_now(tmp_path, tiny_dir):
+    nowhere = {"tasks": ["mme"], "include_path": str(tmp_path / "tasks"), "python": str(tmp_path / "env/bin/python")}
+    spec = load_spec(write_spec(tmp_path, tiny_dir, validation={"lmms_eval": nowhere}))
+    assert problems(spec, backend="local") == [
+        f"validation.lmms_eval.include_path: folder not found: {tmp_path / 'tasks'} (the local task YAMLs)",
+        f"validation.lmms_eval.python: {tmp_path / 'env/bin/python'} not found (a path, or a name on PATH)"]
+    spec.validation.lmms_eval.python = sys.executable  # this venv: no lmms-eval in it
+    spec.validation.lmms_eval.include_path = None
+    assert problems(spec, backend="local") == [NOT_INSTALLED.format(sys.executable)]
+    spec.data.eval = None  # and the validate stage would not even run
+    assert problems(spec, backend="local") == [
+        "validation.lmms_eval: runs in the validate stage, which needs held-out samples: set data.eval or remove "
+        "validation.lmms_eval", NOT_INSTALLED.format(sys.executable)]
+    spec.data.eval = str(tiny_dir.val)
+    spec.validation.lmms_eval.python = str(environment_with_lmms_eval(tmp_path / "lmms-env"))
+    assert problems(spec, backend="local") == []
+
+
+def test_the_lmms_eval_package_is_checked_only_where_the_validate_stage_uses_this_interpreter(tmp_path, tiny_dir,
+                                                                                                capsys):
+    """A container's, a pod's or slurm.python's environment is not this one: lmms-eval may be there."""
+    path = write_spec(tmp_path, tiny_dir, validation={"lmms_eval": {"tasks": ["mme"]}})
+    assert main(["submit", str(path), "--dry-run"]) == 2  # local
+    assert NOT_INSTALLED.format(sys.executable) in " ".join(capsys.readouterr().err.split())
+    assert main(["submit", str(path), "--backend", "slurm", "--dry-run"]) == 2  # the submitting venv's python
+    assert "lmms-eval is not installed" in capsys.readouterr().err
+    for elsewhere in (["slurm.container.runtime=pyxis", "slurm.container.image=lmms.sqsh"],
+                      ["slurm.python=/opt/env/bin/python -m llava_cluster.cli"]):
+        assert main(["submit", str(path), *elsewhere, "--backend", "slurm", "--dry-run"]) == 0, elsewhere
+    capsys.readouterr()
+    spec = load_spec(path, ["slurm.python=/opt/env/bin/python -m llava_cluster.cli",
+                            f"validation.lmms_eval.python={sys.executable}"])  # the block names one here
+    assert problems(spec, backend="slurm") == [NOT_INSTALLED.format(sys.executable)]
+    assert problems(spec, backend="k8s") == problems(spec) == []  # k8s; the train stage (no backend)
