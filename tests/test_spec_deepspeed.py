@@ -11,7 +11,7 @@ from test_spec_load import write
 
 from llava_cluster.cli import main
 from llava_cluster.errors import UserError
-from llava_cluster.spec import load_spec
+from llava_cluster.spec import deepspeed_setup, load_spec
 
 USER_JSON = {"bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
              "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
@@ -31,8 +31,6 @@ def test_plan_and_training_agree_on_the_zero_stage_and_offload(tmp_path, capsys,
     """`plan` once ignored deepspeed_overrides and estimated ZeRO-3 for a run that trained under ZeRO-2."""
     from accelerate.utils.deepspeed import HfDeepSpeedConfig
 
-    from llava_cluster.train.ds_config import load_deepspeed_config
-
     if deepspeed == "user.json":
         deepspeed = str(tmp_path / "user.json")
         (tmp_path / "user.json").write_text(json.dumps(USER_JSON))
@@ -40,7 +38,7 @@ def test_plan_and_training_agree_on_the_zero_stage_and_offload(tmp_path, capsys,
     assert main(["plan", str(path), "--model-shape", "7b", "--json"]) in (0, 1)
     planned = json.loads(capsys.readouterr().out)["setup"]
     # what the HF Trainer reads from the config training builds (is_deepspeed_zero3_enabled, offload)
-    trained = HfDeepSpeedConfig(load_deepspeed_config(load_spec(path)))
+    trained = HfDeepSpeedConfig(deepspeed_setup(load_spec(path).training).config)
     assert (planned["zero"], planned["offload"]) == (stage, offload)
     assert (trained.get_value("zero_optimization.stage"), trained.is_offload()) == (stage, offload)
 
@@ -64,8 +62,6 @@ def test_an_optimizer_or_scheduler_in_deepspeed_overrides_is_refused_at_load(tmp
 
 
 def test_a_user_deepspeed_json_with_its_own_optimizer_is_refused_by_the_same_rule(tmp_path):
-    from llava_cluster.train.ds_config import load_deepspeed_config
-
     ds = tmp_path / "ds.json"
     ds.write_text('{"zero_optimization": {"stage": 2}}')
     path = write(tmp_path, training={"deepspeed": str(ds)})
@@ -75,7 +71,7 @@ def test_a_user_deepspeed_json_with_its_own_optimizer_is_refused_by_the_same_rul
     with pytest.raises(UserError, match=message):
         load_spec(path)  # at submit, not when the job starts
     with pytest.raises(UserError, match=message):
-        load_deepspeed_config(spec)  # the job's own check of the same file
+        deepspeed_setup(spec.training)  # the job's own check (train/run.py) of the same file
 
 
 @pytest.mark.parametrize("content, expected", [

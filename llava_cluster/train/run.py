@@ -23,7 +23,7 @@ from llava_cluster.launch.interrupt import (
     stopped_note,
 )
 from llava_cluster.rundir import PREEMPTED_EXIT, STOP_FILE, RunDir, atomic_dir, is_rank0
-from llava_cluster.spec import RunSpec
+from llava_cluster.spec import RunSpec, deepspeed_setup
 from llava_cluster.train import checkpoint_safety, preemption
 
 FORMAT_VERSION = 1
@@ -121,7 +121,6 @@ def train(spec: RunSpec, run: RunDir) -> int:
         event,
         interactive,
     )
-    from llava_cluster.train.ds_config import load_deepspeed_config, offloads_optimizer
     from llava_cluster.train.model_setup import build_model, trainable_summary
     from llava_cluster.train.trainer import ImageInEveryBatch, LlavaTrainer
 
@@ -139,7 +138,7 @@ def train(spec: RunSpec, run: RunDir) -> int:
             finish_from(resume, run)
             return 0
     init_distributed(use_cuda)
-    ds_config = load_deepspeed_config(spec)
+    ds_setup = deepspeed_setup(spec.training)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.logs_dir / "tensorboard")
     o, t = spec.optim, spec.training
     pack_length = (t.pack_length or spec.data.max_length) if t.packing else None
@@ -170,7 +169,7 @@ def train(spec: RunSpec, run: RunDir) -> int:
         logging_steps=t.logging_steps,
         report_to=["none"],  # ResumingTensorBoard instead of HF's own
         include_num_input_tokens_seen="all" if pack_length else "non_padding",  # for tokens/s
-        deepspeed=ds_config,
+        deepspeed=ds_setup.config,
         use_cpu=not use_cuda,
         ddp_backend=None if use_cuda else "gloo",
         dataloader_num_workers=spec.data.num_workers,
@@ -216,7 +215,7 @@ def train(spec: RunSpec, run: RunDir) -> int:
                    *([RichProgress()] if interactive() else []), MetricsLog(run.logs_dir / "train_metrics.jsonl"),
                    *([ResumingTensorBoard()] if importlib.util.find_spec("tensorboard") else [])],  # slim GPU images
         projector_lr=o.projector_lr,
-        offload_optimizer=offloads_optimizer(ds_config),
+        offload_optimizer=ds_setup.offload_optimizer,
         metadata=metadata(spec),
         pack_length=pack_length,
         keep_checkpoints=t.save_total_limit,
