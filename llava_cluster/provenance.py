@@ -2,7 +2,7 @@
 
 A score without the commit, the library versions and the checkpoint's step cannot be reproduced or
 compared with next week's. This is recorded next to validation metrics; nothing in it is secret
-(the spec's env is refused when it looks like a credential, see spec.py).
+(the spec's env is refused when it looks like a credential: spec/text.py's looks_secret).
 """
 
 from __future__ import annotations

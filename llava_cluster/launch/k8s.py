@@ -24,8 +24,8 @@ gang-schedules the train pods with Volcano or the coscheduling plugin; `k8s.prio
 every pod's PriorityClass. The pod policy is in launch/k8s_pod.py.
 
 Spec strings reach the manifests only as YAML scalars written by the dumper (never through a shell:
-containers get argument lists), and `spec.py` has already refused control characters and names that
-are not Kubernetes names.
+containers get argument lists), and the spec's load (`spec/text.py`) has already refused control
+characters and names that are not Kubernetes names.
 """
 
 from __future__ import annotations

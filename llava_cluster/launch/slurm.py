@@ -13,8 +13,8 @@ Chaining: merge runs `--dependency=afterok:<train>`, validate `afterok:<merge>`,
 and asks for a requeue after exit 75 (see there). The stage runs with the worker's own interpreter
 (`<python> -m llava_cluster.cli`: the submitting venv's without a container, the image's python3
 inside one) unless `slurm.python` names another command, so nothing depends on the PATH of the job.
-Every spec value in the script is validated by `spec.py` (no control characters, SLURM's syntax) and
-shell-quoted here. Containers: pyxis (`srun --container-image`) or
+Every spec value in the script is validated at load (`spec/text.py`: no control characters, SLURM's
+syntax) and shell-quoted here. Containers: pyxis (`srun --container-image`) or
 Apptainer (`apptainer exec --nv`), the storage root mounted at the same path.
 """
 
