@@ -94,7 +94,8 @@ def probe_inputs(processor: Any, template: str = "vicuna_v1") -> dict[str, Any]:
     import numpy as np
     from PIL import Image
 
-    size = processor.image_processor.crop_size.get("height", 32) if hasattr(processor.image_processor, "crop_size") else 32
+    # CLIP processors crop to a square; SigLIP ones (OneVision) have crop_size None and resize instead.
+    size = (getattr(processor.image_processor, "crop_size", None) or {}).get("height", 32)
     y, x = np.mgrid[0:size, 0:size]
     pixels = np.stack([x * 255 // max(size - 1, 1), y * 255 // max(size - 1, 1), (x + y) % 256], axis=-1)
     image = Image.fromarray(pixels.astype(np.uint8))
