@@ -67,7 +67,7 @@ def freeze_spec(run: RunDir, spec_file: Path, wait_seconds: float = 600) -> None
     same moment) wait for it to appear, then check it is the same spec.
     """
     from llava_cluster.spec import load_spec
-    from llava_cluster.submit import freeze
+    from llava_cluster.spec.frozen import freeze
 
     spec = load_spec(spec_file)
     deadline = time.monotonic() + wait_seconds
