@@ -25,7 +25,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("status", "llava_cluster.status", "show a run's stages: state, job ids, attempts, elapsed, failing log tail"),
     ("train", "llava_cluster.train_local", "train a spec on this machine (no merge/validate); re-run to resume"),
     ("merge", "llava_cluster.merge.run", "fold an adapter + projector into the base: a standard HF checkpoint"),
-    ("validate", "llava_cluster.validate", "generate on held-out samples, score against references and the base"),
+    ("validate", "llava_cluster.validate.run", "generate on held-out samples, score against references and the base"),
     ("demo", "llava_cluster.demo", "the whole pipeline on a tiny model, on this machine, in a few minutes"),
     ("stage", "llava_cluster.stage", "run one stage (train, merge, validate) of a run directory: what every job runs"),
     ("logs", "llava_cluster.logs", "print or follow a stage's log (--follow), or its SLURM job's console output"),

@@ -149,7 +149,7 @@ def _problems_of_lmms_eval(spec: RunSpec, backend: str | None) -> list[str]:
     scores and only warns): said now, when the fix costs a minute, not hours of training later."""
     import shutil
 
-    from llava_cluster.validate_lmms import installed_version, interpreter
+    from llava_cluster.validate.lmms_eval import installed_version, interpreter
 
     block = spec.validation.lmms_eval
     if block is None:

@@ -153,7 +153,7 @@ def _execute(stage: str, run: RunDir) -> int:
         from llava_cluster.merge.run import merge_stage
 
         return merge_stage(spec, run)
-    from llava_cluster.validate import validate_stage
+    from llava_cluster.validate.run import validate_stage
 
     return validate_stage(spec, run)
 

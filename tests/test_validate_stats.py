@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llava_cluster.validate_stats import changes, compare, group_of, grouped, mcnemar_exact, paired_bootstrap
+from llava_cluster.validate.stats import changes, compare, group_of, grouped, mcnemar_exact, paired_bootstrap
 
 
 def test_bootstrap_is_seeded_and_reproducible():

@@ -1,5 +1,5 @@
 """`validation.lmms_eval`: the optional lmms-eval block of the validate stage, as a spec section (what
-runs it, and why it may be skipped, is in validate_lmms.py)."""
+runs it, and why it may be skipped, is in validate/lmms_eval.py)."""
 
 from __future__ import annotations
 

@@ -263,7 +263,7 @@ class ValidationSpec(Section):
     checkpoints: Literal["final", "last", "all"] = Field(
         "final", description="also score the last, or every, complete checkpoint (base + adapter) on data.eval")
     lmms_eval: LmmsEvalSpec | None = Field(
-        None, description="also run these lmms-eval tasks on the merged model (validate_lmms.py)")
+        None, description="also run these lmms-eval tasks on the merged model (validate/lmms_eval.py)")
 
 
 class RunSpec(Section):

@@ -17,7 +17,7 @@ from llava_cluster.console import console, err_console
 from llava_cluster.errors import UserError
 from llava_cluster.rundir import RunDir, atomic_write_json, atomic_write_text
 from llava_cluster.spec import RunSpec
-from llava_cluster.validate_lmms import LmmsEvalSpec, run_lmms_eval
+from llava_cluster.validate.lmms_eval import LmmsEvalSpec, run_lmms_eval
 
 
 def normalize(text: str) -> str:
@@ -216,10 +216,10 @@ def validate(model_dir: Path, data: Path, image_folder: Path | None, out_dir: Pa
              lmms_eval: LmmsEvalSpec | None = None) -> dict[str, Any]:
     """Score the model (and the base) on `data`; `provenance` adds what the caller knows (e.g. the spec),
     `checkpoints` the scores of the run's checkpoints (score_checkpoints) for the report, `lmms_eval`
-    lmms-eval tasks to run on a merged model (validate_lmms)."""
-    from llava_cluster.provenance import environment, training_summary
-    from llava_cluster.report import write_report
-    from llava_cluster.validate_stats import compare, grouped
+    lmms-eval tasks to run on a merged model (lmms_eval.py)."""
+    from llava_cluster.validate.provenance import environment, training_summary
+    from llava_cluster.validate.report import write_report
+    from llava_cluster.validate.stats import compare, grouped
 
     kind, base_path, meta = _resolve(Path(model_dir), base)
     template = template or meta.get("template") or "vicuna_v1"

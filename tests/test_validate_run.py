@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_cluster.validate import exact_match, token_f1
+from llava_cluster.validate.run import exact_match, token_f1
 
 
 def test_exact_match_normalises_case_punctuation_and_spaces():

@@ -8,7 +8,7 @@ import io
 from hostile_files import make_special_files, no_hang
 from PIL import Image
 
-from llava_cluster.report import write_report
+from llava_cluster.validate.report import write_report
 
 
 def test_thumbnails_only_of_contained_regular_images(tmp_path):
@@ -31,7 +31,7 @@ def test_thumbnails_only_of_contained_regular_images(tmp_path):
 
 
 def test_report_opens_with_the_paired_comparison_and_filters_to_regressions(tmp_path):
-    from llava_cluster.validate_stats import compare, grouped
+    from llava_cluster.validate.stats import compare, grouped
 
     samples = [{"conversations": [{"from": "human", "value": f"What colour {i}?"}, {"from": "gpt", "value": "red"}]}
                for i in range(4)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_cluster.validate_lmms import (
+from llava_cluster.validate.lmms_eval import (
     LmmsEvalSpec,
     eval_argv,
     failure_reason,
@@ -169,7 +169,7 @@ def lmms_python() -> tuple[str, str]:
 @pytest.mark.slow
 def test_validate_runs_a_local_lmms_eval_task_on_the_merged_model(tmp_path, request, monkeypatch):
     python, version = lmms_python()
-    from llava_cluster.validate import validate
+    from llava_cluster.validate.run import validate
 
     tiny_dir = request.getfixturevalue("tiny_dir")  # after the skip: building it takes a while
 

@@ -121,8 +121,8 @@ def _answer(row: dict[str, Any], label: str) -> str:
 
 
 def change(row: dict[str, Any]) -> str:
-    """The sample's change, by the same rule as the headline counts (validate_stats.change_of)."""
-    from llava_cluster.validate_stats import ORDER, change_of
+    """The sample's change, by the same rule as the headline counts (stats.change_of)."""
+    from llava_cluster.validate.stats import ORDER, change_of
 
     base = {m: row[f"base_{m}"] for m in ORDER if f"base_{m}" in row}
     tuned = {m: row[f"finetuned_{m}"] for m in ORDER if f"finetuned_{m}" in row}
