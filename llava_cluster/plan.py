@@ -113,11 +113,24 @@ def anyres_tiles(config: dict[str, Any]) -> int:
     return 1 + max((h // side) * (w // side) for h, w in pinpoints)
 
 
+def _onevision(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
+               tied: bool) -> ModelShape:
+    """Qwen2 + the SigLIP so400m tower at 384 px as llava-hf configures it (LlavaOnevisionConfig's
+    default vision_config). anyres_max_9 scales a grid's features down after the tower and projector,
+    so both still see the 6x6 grid's 36 tiles + the base image (anyres_tiles of its pinpoints)."""
+    return ModelShape(layers, hidden, intermediate, heads, kv_heads, hidden // heads, vocab, tied,
+                      26, 1152, 4304, 384, 14, image_tiles=1 + 6 * 6)
+
+
 # LLaVA-1.5: Llama-2 7B/13B (vocabulary padded to 32064) + CLIP ViT-L/14 at 336 px. LLaVA-NeXT
 # (llava-v1.6-mistral-7b-hf): Mistral-7B (GQA, 8 KV heads) + the same tower, up to 4 tiles + base.
+# LLaVA-OneVision (llava-onevision-qwen2-0.5b/7b-ov-hf): Qwen2-0.5B (tied embeddings) / Qwen2-7B.
 PRESETS = {"7b": _llama(32, 4096, 11008, 32), "13b": _llama(40, 5120, 13824, 40),
            "next-mistral-7b": replace(_llama(32, 4096, 14336, 32), kv_heads=8, image_tiles=5),
-           "next-vicuna-13b": replace(_llama(40, 5120, 13824, 40), image_tiles=5)}
+           "next-vicuna-13b": replace(_llama(40, 5120, 13824, 40), image_tiles=5),
+           "onevision-qwen2-0.5b": _onevision(24, 896, 4864, 14, 2, 151936, tied=True),
+           "onevision-qwen2-7b": _onevision(28, 3584, 18944, 28, 4, 152064, tied=False)}
+PRESET_NAMES = sorted(PRESETS)  # the --model-shape choices, as the CLI and its errors list them
 
 
 def shape_from_config(config: dict[str, Any]) -> ModelShape:
@@ -298,7 +311,8 @@ def plan(spec: Any, model_shape: str | None = None, gpu_memory: float | None = N
 
         cfg_path = Path(spec.model.base) / "config.json"
         if not cfg_path.is_file():
-            raise UserError(f"model.base: {cfg_path} not found; plan without a checkpoint with --model-shape 7b|13b")
+            raise UserError(f"model.base: {cfg_path} not found; plan without a checkpoint with "
+                            f"--model-shape {'|'.join(PRESET_NAMES)}")
         refused = model_problems(spec)
         if refused:
             raise UserError("; ".join(refused))
@@ -340,8 +354,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override spec values, e.g. optim.lr=1e-4")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                         help="the same, one per -o (repeatable)")
-    parser.add_argument("--model-shape", choices=sorted(PRESETS),
-                        help="plan for LLaVA-1.5 7B/13B without reading model.base")
+    parser.add_argument("--model-shape", choices=PRESET_NAMES,
+                        help="plan for a preset shape (LLaVA-1.5, -NeXT, -OneVision) without reading model.base")
     parser.add_argument("--gpu-memory", type=float, metavar="GIB", help="GPU memory instead of resources.gpu_type's")
     parser.add_argument("--zero", type=int, choices=(0, 2, 3),
                         help="ZeRO stage instead of training.deepspeed's (0: plain PyTorch, no DeepSpeed)")

@@ -121,7 +121,9 @@ def test_cli_plan_json_verdict_and_exit_codes(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["largest_batch"] == 0
 
     assert main(["plan", str(spec)]) == 2  # no config.json at model.base
-    assert "--model-shape" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--model-shape 13b|7b|next-mistral-7b|next-vicuna-13b|onevision-qwen2-0.5b|onevision-qwen2-7b" in err
+    assert all(name in err for name in PRESETS)
     spec = write_spec(tmp_path, tmp_path, gpu_type="TPU-v5")
     assert main(["plan", str(spec), "--model-shape", "7b"]) == 2
     assert "--gpu-memory" in capsys.readouterr().err
@@ -140,3 +142,31 @@ def test_llava_next_shape_counts_its_anyres_tiles(tiny_next_dir, tiny_dir):
     assert shape.image_tiles == 5 and shape.kv_heads == 1
     assert shape_from_config(json.loads((tiny_dir.model / "config.json").read_text())).image_tiles == 1
     assert PRESETS["next-mistral-7b"].image_tiles == 5 and PRESETS["next-mistral-7b"].kv_heads == 8
+
+
+# The Qwen2 text models of llava-onevision-qwen2-0.5b/7b-ov-hf (their hub cards; Qwen2Config's defaults
+# are neither).
+ONEVISION_TEXT = {
+    "onevision-qwen2-0.5b": dict(num_hidden_layers=24, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "onevision-qwen2-7b": dict(num_hidden_layers=28, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(ONEVISION_TEXT))
+def test_onevision_presets_are_what_plan_reads_from_their_config(preset):
+    """A full-size OneVision config.json with the fields the OneVision fixture sets (SigLIP without its
+    head at the tower's 384 px from LlavaOnevisionConfig's default, the 6x6 pinpoints, anyres_max_9):
+    plan reads the preset's shape, the tower's 36 grid tiles + the base image included."""
+    from llava_onevision_fixture import pinpoints
+    from transformers import LlavaOnevisionConfig, Qwen2Config
+
+    text = ONEVISION_TEXT[preset]
+    config = LlavaOnevisionConfig(text_config=Qwen2Config(**text), vision_feature_select_strategy="full",
+                                  vision_feature_layer=-1, image_grid_pinpoints=pinpoints(384),
+                                  vision_aspect_ratio="anyres_max_9",
+                                  tie_word_embeddings=text["tie_word_embeddings"]).to_dict()
+    assert config["vision_config"]["vision_use_head"] is False
+    assert shape_from_config(config) == PRESETS[preset]
+    assert PRESETS[preset].image_tiles == 37 and PRESETS[preset].image_tokens == 27 * 27  # SigLIP: no CLS
