@@ -117,6 +117,26 @@ def test_inputs_under_storage_need_no_extra_mount(tmp_path):
     assert slurm.container_mounts(spec) == [str(store)]
 
 
+def test_every_local_path_of_the_spec_is_mounted_a_file_by_its_folder(tmp_path):
+    """A DeepSpeed JSON and lmms-eval's include_path outside storage are mounted too, in the rendered
+    Apptainer and pyxis commands; the data files by their folders."""
+    ds_json = tmp_path / "configs" / "zero3.json"
+    ds_json.parent.mkdir()
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    sections = {"training": {"deepspeed": str(ds_json)}, "data": {"eval": "/data/held-out/val.json"},
+                "validation": {"lmms_eval": {"tasks": ["mmmu_val"], "include_path": "/opt/lmms-tasks"}}}
+    # storage first, then the shorter (a parent before its children)
+    expected = [str(tmp_path / "store"), "/data/llava", "/data/held-out", "/opt/lmms-tasks", "/models/llava-13b",
+                str(ds_json.parent)]
+    apptainer = make_spec(tmp_path, **sections, slurm={"container": {"runtime": "apptainer", "image": "/i.sif"}})
+    assert slurm.container_mounts(apptainer) == expected
+    line = srun_line(slurm.render(apptainer, "validate", None))
+    assert f"apptainer exec --nv --bind {','.join(expected)} /i.sif python3" in line
+    pyxis = make_spec(tmp_path, **sections, slurm={"container": {"runtime": "pyxis", "image": "org/llava:1"}})
+    line = srun_line(slurm.render(pyxis, "train", None))
+    assert f"--container-mounts={','.join(f'{m}:{m}' for m in expected)} " in line
+
+
 def test_dry_run_prints_three_chained_scripts_and_submits_nothing(tmp_path, capsys):
     spec = make_spec(tmp_path)
     assert slurm.submit(spec, ["train", "merge", "validate"], dry_run=True) == 0

@@ -15,7 +15,8 @@ and asks for a requeue after exit 75 (see there). The stage runs with the worker
 inside one) unless `slurm.python` names another command, so nothing depends on the PATH of the job.
 Every spec value in the script is validated at load (`spec/text.py`: no control characters, SLURM's
 syntax) and shell-quoted here. Containers: pyxis (`srun --container-image`) or
-Apptainer (`apptainer exec --nv`), the storage root mounted at the same path.
+Apptainer (`apptainer exec --nv`), the storage root and the folders of the spec's other local paths mounted
+at the same path.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ from llava_cluster.console import console, err_console
 from llava_cluster.errors import UserError
 from llava_cluster.launch.slurm_job import StageJob, stage_command
 from llava_cluster.rundir import STAGES, RunDir
-from llava_cluster.spec import SLURM_TIME, RunSpec
+from llava_cluster.spec import SLURM_TIME, RunSpec, local_paths
+from llava_cluster.spec.paths import DEEPSPEED_FIELD
 
 CONTAINER_PYTHON = "python3"  # the interpreter inside the image (it has llava-cluster and submitit)
+# The local paths that name a file (the rest are folders): a container mounts the file's folder.
+FILE_FIELDS = ("data.train", "data.eval", DEEPSPEED_FIELD)
 ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED", "RESIZING"}
 
 
@@ -60,13 +64,14 @@ def logs_folder(spec: RunSpec) -> Path:
 
 
 def container_mounts(spec: RunSpec) -> list[str]:
-    """Same-path mounts: the storage root, any input outside it, then the spec's extra mounts."""
-    inputs = [spec.model.base, spec.data.image_folder]
-    inputs += [str(Path(p).parent) for p in (spec.data.train, spec.data.eval) if p]
+    """Same-path mounts: the storage root, the folder of every other local path of the spec
+    (`local_paths`: a folder itself, a file's parent) not inside one already, then the spec's extra mounts."""
+    paths = local_paths(spec)
+    folders = {Path(value).parent if dotted in FILE_FIELDS else Path(value) for dotted, value in paths.items()}
     mounts = [Path(spec.storage)]
-    for value in sorted({v for v in inputs if v and "://" not in v}, key=len):
-        if not any(Path(value).is_relative_to(m) for m in mounts):
-            mounts.append(Path(value))
+    for folder in sorted(folders, key=lambda f: (len(str(f)), str(f))):  # a parent before its children
+        if not any(folder.is_relative_to(m) for m in mounts):
+            mounts.append(folder)
     return [str(m) for m in mounts] + [m for m in spec.slurm.container.mounts if m not in map(str, mounts)]
 
 
