@@ -170,7 +170,7 @@ def _report(result: MergeResult) -> None:
 def merge_stage(spec: RunSpec, run: RunDir) -> int:
     adapter = run.final_dir
     if spec.merge.checkpoint == "best":
-        from llava_cluster.validate.run import score_checkpoints
+        from llava_cluster.validate.checkpoints import score_checkpoints
 
         best = score_checkpoints(spec, run, "all")["best"]
         err_console.print(f"merging the best checkpoint: step {best['step']} (lowest eval loss)", highlight=False)

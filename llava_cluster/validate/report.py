@@ -170,7 +170,7 @@ def _groups(metrics: dict[str, Any]) -> str:
 
 
 def _lmms_eval(metrics: dict[str, Any]) -> str:
-    """lmms-eval's headline numbers (validate_lmms), or why there are none."""
+    """lmms-eval's headline numbers (lmms_eval.py), or why there are none."""
     record = metrics.get("lmms_eval")
     if not record:
         return ""

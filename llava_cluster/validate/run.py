@@ -1,58 +1,23 @@
-"""Validate a fine-tune on held-out samples: batched greedy generation, exact match and token F1
-against the references, teacher-forced eval loss, the base model on the same samples for
-comparison, and a report. Works on a merged checkpoint or on base + adapter (`train/final`)."""
+"""The `validate` command and stage: a fine-tune on held-out samples (batched greedy generation, exact
+match and token F1 against the references, teacher-forced eval loss: evaluate.py), the base model on
+the same samples for comparison, and the outputs: predictions, metrics and a report. Works on a
+merged checkpoint or on base + adapter (`train/final`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
-import string
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava_cluster.console import console, err_console
+from llava_cluster.console import console
 from llava_cluster.errors import UserError
 from llava_cluster.rundir import RunDir, atomic_write_json, atomic_write_text
 from llava_cluster.spec import RunSpec
+from llava_cluster.validate.checkpoints import score_checkpoints
+from llava_cluster.validate.evaluate import score
 from llava_cluster.validate.lmms_eval import LmmsEvalSpec, run_lmms_eval
-
-
-def normalize(text: str) -> str:
-    text = text.lower().strip()
-    text = "".join(ch for ch in text if ch not in string.punctuation)
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    return float(normalize(prediction) == normalize(reference))
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    pred, ref = normalize(prediction).split(), normalize(reference).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def select_indices(dataset: Any, max_samples: int | None) -> list[int]:
-    """Samples whose last turn is an assistant reply: that reply is the reference."""
-    chosen = []
-    for i in range(len(dataset)):
-        turns = dataset.record(i).get("conversations") or []
-        if len(turns) >= 2 and turns[-1].get("from") == "gpt":
-            chosen.append(i)
-            if max_samples and len(chosen) >= max_samples:
-                break
-    if not chosen:
-        raise UserError(f"{dataset.data_path}: no sample ends with an assistant (gpt) turn to validate against")
-    return chosen
+from llava_cluster.validate.scoring import SCORING
 
 
 def _check_images_reachable(data: Path, image_folder: Path | None, max_samples: int | None) -> None:
@@ -71,85 +36,6 @@ def _check_images_reachable(data: Path, image_folder: Path | None, max_samples: 
                             "--image-folder with the folder its image paths are relative to")
 
 
-class Evaluator:
-    """One model (merged, base, or base + adapter) with its processor, over one held-out file."""
-
-    def __init__(self, model: Any, processor: Any, data: Path, image_folder: Path | None, template: str,
-                 aspect: str, max_length: int) -> None:
-        from llava_cluster.data.dataset import LazySupervisedDataset
-        from llava_cluster.data.templates import get_template
-
-        self.model, self.processor = model.eval(), processor
-        self.template = get_template(template)
-        self.dataset = LazySupervisedDataset(data, image_folder, processor, self.template, max_length,
-                                             image_aspect_ratio=aspect)
-
-    def generate(self, indices: list[int], batch_size: int, max_new_tokens: int) -> list[str]:
-        import torch
-
-        from llava_cluster.data.encode import conversation_turns
-
-        tokenizer = self.processor.tokenizer
-        eot = self.template.eot.strip()
-        eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
-        eos = sorted({i for i in (tokenizer.eos_token_id, eot_id) if i is not None and i != tokenizer.unk_token_id})
-        outputs: list[str] = []
-        side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            for start in range(0, len(indices), batch_size):
-                samples = [self.dataset.record(i) for i in indices[start:start + batch_size]]
-                prompts = [self.template.prompt(conversation_turns(s)[:-1]) for s in samples]
-                images = [self.dataset.load_image(s) for s in samples if s.get("image")]
-                batch = self.processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
-                batch = {k: v.to(self.model.device) for k, v in batch.items()}
-                with torch.no_grad():
-                    out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                              pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-                for row in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True):
-                    outputs.append((row.split(eot)[0] if eot else row).strip())
-        finally:
-            tokenizer.padding_side = side
-        return outputs
-
-    def eval_loss(self, indices: list[int], batch_size: int) -> float:
-        """Mean per-token loss on the supervised (assistant) tokens, teacher-forced."""
-        import torch
-
-        from llava_cluster.data.collator import LlavaCollator
-
-        collate = LlavaCollator(self.processor.tokenizer.pad_token_id)
-        total, count = 0.0, 0
-        for start in range(0, len(indices), batch_size):
-            batch = collate([self.dataset[i] for i in indices[start:start + batch_size]])
-            labels = batch.pop("labels")
-            batch = {k: v.to(self.model.device) for k, v in batch.items()}
-            with torch.no_grad():
-                logits = self.model(**batch).logits.float()
-            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(logits.device)
-            mask = shift_labels != -100
-            if mask.any():
-                total += float(torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask],
-                                                                 reduction="sum"))
-                count += int(mask.sum())
-        return total / max(count, 1)
-
-
-SCORING = ("exact_match: prediction and reference equal after lower-casing, removing punctuation and "
-           "collapsing whitespace; token_f1: F1 of the normalised words; eval_loss: mean cross-entropy of the "
-           "reference reply's tokens, teacher-forced")
-
-
-def sample_scores(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
-    """Per-sample scores, the input of the means and of the paired statistics."""
-    return {"exact_match": list(map(exact_match, predictions, references)),
-            "token_f1": list(map(token_f1, predictions, references))}
-
-
-def _means(scores: dict[str, list[float]]) -> dict[str, float]:
-    return {metric: sum(values) / max(len(values), 1) for metric, values in scores.items()}
-
-
 def _resolve(model_dir: Path, base: Path | None) -> tuple[str, str | None, dict[str, Any]]:
     """('adapter'|'merged', base path or None, metadata)."""
     from llava_cluster.adapter import is_adapter, read_metadata
@@ -165,47 +51,6 @@ def _resolve(model_dir: Path, base: Path | None) -> tuple[str, str | None, dict[
         return "adapter", base_path, meta
     info = read_merge_info(model_dir)
     return "merged", str(base) if base else info.get("base"), info
-
-
-def _load(kind: str, model_dir: Path, base: str | None) -> tuple[Any, Any]:
-    """The model on the GPU in its stored dtype when there is one (a 7B in fp32 on a 24 GB card would
-    not fit), else on the CPU in fp32 (CPU kernels for half precision are slow or missing)."""
-    import torch
-
-    from llava_cluster.adapter import load_with_adapter
-    from llava_cluster.merge.safetensors_io import stored_dtype
-    from llava_cluster.model.load import load_llava, load_processor
-    from llava_cluster.precision import torch_dtype
-
-    weights = base if kind == "adapter" else model_dir
-    on_gpu = torch.cuda.is_available()
-    dtype = torch_dtype(stored_dtype(weights)) if on_gpu else torch.float32
-    model = load_with_adapter(weights, model_dir, dtype) if kind == "adapter" else load_llava(weights, dtype=dtype)
-    return (model.to("cuda") if on_gpu else model), load_processor(weights)
-
-
-@dataclass
-class Scored:
-    """One model's answers and scores on the held-out samples."""
-
-    samples: list[dict[str, Any]]
-    answers: list[str]
-    per_sample: dict[str, list[float]]
-    means: dict[str, float]  # exact_match, token_f1, eval_loss
-
-
-def score(how: str, path: Path, base_path: str | None, data: Path, image_folder: Path | None, template: str,
-          aspect: str, max_length: int, max_samples: int | None, batch_size: int, max_new_tokens: int,
-          label: str) -> Scored:
-    """Load one model (merged checkpoint or base + adapter), generate, score and compute the eval loss."""
-    model, processor = _load(how, path, base_path)
-    ev = Evaluator(model, processor, data, image_folder, template, aspect, max_length)
-    indices = select_indices(ev.dataset, max_samples)
-    samples = [ev.dataset.record(i) for i in indices]
-    err_console.print(f"validating {label}: {path} on {len(indices)} samples")
-    answers = ev.generate(indices, batch_size, max_new_tokens)
-    per_sample = sample_scores(answers, [s["conversations"][-1]["value"] for s in samples])
-    return Scored(samples, answers, per_sample, {**_means(per_sample), "eval_loss": ev.eval_loss(indices, batch_size)})
 
 
 def validate(model_dir: Path, data: Path, image_folder: Path | None, out_dir: Path, base: Path | None = None,
@@ -291,37 +136,6 @@ def print_metrics(metrics: dict[str, Any], out_dir: Path) -> None:
             f"(95% CI {f1['ci_low']:+.3f} to {f1['ci_high']:+.3f}); {changed['improved']} improved, "
             f"{changed['regressed']} regressed, {changed['unchanged']} unchanged", highlight=False)
     console.print(f"report: {out_dir / 'report.html'}")
-
-
-def score_checkpoints(spec: RunSpec, run: RunDir, which: str) -> dict[str, Any]:
-    """Score the last (`which` "last") or every ("all") complete checkpoint as base + adapter on data.eval.
-
-    The scores and the best checkpoint (lowest eval loss, then highest exact match) are written to
-    train/checkpoint_scores.json; a later call that needs no other checkpoint reuses them, so the merge
-    stage (`merge.checkpoint: best`) and the validate stage score each checkpoint once.
-    """
-    if not spec.data.eval:
-        raise UserError("scoring checkpoints needs held-out samples: set data.eval")
-    complete = run.checkpoints()
-    chosen = complete if which == "all" else complete[-1:]
-    if not chosen:
-        raise UserError(f"{run.train_dir} holds no complete checkpoint to score (training.save_steps "
-                        f"{spec.training.save_steps} may exceed the run's steps)")
-    if run.checkpoint_scores.is_file():
-        saved = json.loads(run.checkpoint_scores.read_text())
-        if {str(c) for c in chosen} <= {row["path"] for row in saved["checkpoints"]}:
-            return saved
-    v, folder = spec.validation, Path(spec.data.image_folder) if spec.data.image_folder else None
-    rows = []
-    for ckpt in chosen:
-        scored = score("adapter", ckpt, spec.model.base, Path(spec.data.eval), folder, spec.model.template,
-                       spec.data.image_aspect_ratio, spec.data.max_length, v.max_samples, v.batch_size,
-                       v.max_new_tokens, ckpt.name)
-        rows.append({"step": int(ckpt.name.removeprefix("checkpoint-")), "path": str(ckpt), **scored.means})
-    best = min(rows, key=lambda r: (r["eval_loss"], -r["exact_match"]))
-    result = {"checkpoints": rows, "best": {"step": best["step"], "path": best["path"], "by": "eval_loss"}}
-    atomic_write_json(run.checkpoint_scores, result)
-    return result
 
 
 def validate_stage(spec: RunSpec, run: RunDir) -> int:
