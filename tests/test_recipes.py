@@ -23,7 +23,9 @@ import torch
 from safetensors.torch import load_file
 from test_train import stage
 
-from llava_cluster.spec import RunSpec
+from llava_cluster.precision import torch_dtype
+from llava_cluster.spec import RunSpec, deepspeed_setup
+from llava_cluster.spec.paths import field_value
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.name for p in (REPO / "jobs").glob("*.yaml"))
@@ -31,7 +33,6 @@ STEPS = 3  # the first runs at learning rate 0 (the recipes' warmup): two real u
 RANKS = 2
 BATCH = 1  # per rank
 MAX_R = 8
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BASES = {"tiny-local.yaml": "tiny_dir", "llava-next-mistral-7b-lora.yaml": "tiny_next_dir"}  # else llava_hf_dir
 
 
@@ -87,29 +88,22 @@ def scaled(recipe: str, tmp: Path, base) -> RunSpec:
         f"training.save_steps={STEPS}", "training.logging_steps=1",
         "resources.nodes=1", f"resources.gpus_per_node={RANKS if shipped.world_size > 1 else 1}",
     ]
-    if shipped.training.deepspeed.startswith("zero3"):
+    if deepspeed_setup(shipped.training).stage == 3:
         overrides.append("training.deepspeed_overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}")
     spec = load_spec(REPO / "jobs" / recipe, overrides)
     kept = ("method", "model.template", "data.image_aspect_ratio", "data.max_length", "lora.dropout",
             "lora.target_modules", "optim.lr", "optim.projector_lr", "optim.scheduler", "optim.warmup_ratio",
             "optim.weight_decay", "training.precision", "training.deepspeed", "training.gradient_checkpointing",
             "training.device_map", "training.packing")
-    assert {k: field(spec, k) for k in kept} == {k: field(shipped, k) for k in kept}
+    assert {k: field_value(spec, k) for k in kept} == {k: field_value(shipped, k) for k in kept}
     return spec
-
-
-def field(spec: RunSpec, dotted: str):
-    value = spec
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_scaling_changes_only_sizes_and_paths(recipe, tmp_path, llava_hf_dir):
     spec = scaled(recipe, tmp_path, llava_hf_dir)
     assert (spec.world_size, spec.optim.max_steps, spec.optim.per_device_batch) == (RANKS, STEPS, BATCH)
-    zero3 = spec.training.deepspeed.startswith("zero3")
+    zero3 = deepspeed_setup(spec.training).stage == 3
     assert zero3 == (recipe != "qlora-13b-1node.yaml")
     assert spec.training.deepspeed_overrides == (
         {"zero_optimization": {"stage3_param_persistence_threshold": 0}} if zero3 else {})
@@ -145,7 +139,7 @@ def test_shipped_recipe_trains_scaled_down(recipe, tmp_path, request, capsys):
               f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, {wall:.1f} s")
 
     final = run.final_dir
-    dtype = DTYPES[spec.training.precision]
+    dtype = torch_dtype(spec.training.precision)
     projector = load_file(str(final / "non_lora_trainables.safetensors"))
     newline = {"model.image_newline"} if recipe.startswith("llava-next") else set()
     assert set(projector) == {f"model.multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")
