@@ -23,7 +23,7 @@ MAY_IMPORT_ONLY = {
     "data": {"data", "model"} | SHARED,
 }
 CLIENT_SIDE = {"cli", "submit", "train_local", "status", "logs", "find_run", "plan", "demo"}
-JOB_SIDE = {"stage", "train"}
+JOB_SIDE = {"stage", "stage_record", "train"}
 
 
 def room_of(path: Path, package: Path = PACKAGE) -> str:
@@ -114,3 +114,24 @@ def test_the_real_tree_has_the_arrows_the_rules_speak_of():
     edges = {(room_of(path), target_room) for path in modules() for _, _, target_room in package_imports(path)}
     assert {("data", "model"), ("train", "data"), ("train", "model")} <= edges
     assert ("model", "data") not in edges
+
+
+def rooms() -> set[str]:
+    """Every room of the package: its sub-packages and top-level modules."""
+    return {room_of(path) for path in modules() if path.parent != PACKAGE or path.name != "__init__.py"}
+
+
+def readme_layout_rooms(readme: Path = PACKAGE.parent / "README.md") -> set[str]:
+    """The rooms the README's "Package layout" block names: the words before the description on each
+    unindented line (`model/`, `adapter.py`, `errors console ...`)."""
+    section = readme.read_text().split("## Package layout", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```", 2)[1]
+    heads = [line.split("  ", 1)[0] for line in block.splitlines() if line and not line[0].isspace()]
+    return {word.removesuffix("/").removesuffix(".py") for head in heads for word in head.split()}
+
+
+def test_the_readme_layout_names_every_room():
+    named = readme_layout_rooms()
+    missing, stale = sorted(rooms() - named), sorted(named - rooms())
+    assert not missing, f"README's Package layout does not name: {', '.join(missing)}"
+    assert not stale, f"README's Package layout names what is not in the package: {', '.join(stale)}"
