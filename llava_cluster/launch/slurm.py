@@ -33,11 +33,9 @@ from llava_cluster.errors import UserError
 from llava_cluster.launch.slurm_job import StageJob, stage_command
 from llava_cluster.rundir import STAGES, RunDir
 from llava_cluster.spec import SLURM_TIME, RunSpec, local_paths
-from llava_cluster.spec.paths import DEEPSPEED_FIELD
+from llava_cluster.spec.paths import FILE_FIELDS
 
 CONTAINER_PYTHON = "python3"  # the interpreter inside the image (it has llava-cluster and submitit)
-# The local paths that name a file (the rest are folders): a container mounts the file's folder.
-FILE_FIELDS = ("data.train", "data.eval", DEEPSPEED_FIELD)
 ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED", "RESIZING"}
 
 

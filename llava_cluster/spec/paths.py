@@ -12,6 +12,7 @@ from typing import Any
 PATH_FIELDS = ("storage", "model.base", "data.train", "data.eval", "data.image_folder",
                "validation.lmms_eval.include_path")
 DEEPSPEED_FIELD = "training.deepspeed"  # a path when it names a .json, else a preset name
+FILE_FIELDS = ("data.train", "data.eval", DEEPSPEED_FIELD)  # files; the other path fields are folders
 # An interpreter: a path when it holds a "/", else a name looked up on PATH where it runs.
 PROGRAM_FIELDS = ("validation.lmms_eval.python",)
 
