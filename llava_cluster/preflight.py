@@ -61,7 +61,7 @@ def _problems_of_tokenizer(spec: RunSpec) -> list[str]:
         image_token_id(tokenizer)
     except UserError as err:
         problems.append(f"model.base: {err.message}")
-    template = get_template(spec.model.template)
+    template = get_template(spec.model.chat_template())
     eot = template.eot.strip()
     if eot:
         ids = tokenizer(eot, add_special_tokens=False)["input_ids"]

@@ -228,3 +228,26 @@ def test_the_lmms_eval_package_is_checked_only_where_the_validate_stage_uses_thi
                             f"validation.lmms_eval.python={sys.executable}"])  # the block names one here
     assert problems(spec, backend="slurm") == [NOT_INSTALLED.format(sys.executable)]
     assert problems(spec, backend="k8s") == problems(spec) == []  # k8s; the train stage (no backend)
+
+
+def test_a_spec_without_template_takes_the_family_default_and_preflight_checks_that_one(tmp_path, tiny_dir):
+    """A v1.6 Mistral base left on Vicuna's template would train without an error: no template in the
+    spec means the base's family's (read from config.json), and preflight checks the template resolved."""
+    spec = load_spec(write_spec(tmp_path, tiny_dir, model={"base": str(tiny_dir.model)}))
+    assert spec.model.template is None and spec.model.chat_template() == "vicuna_v1"
+    config_path = Path(tiny_dir.model) / "config.json"
+    next_like = tmp_path / "next-like"
+    shutil.copytree(tiny_dir.model, next_like)
+    config = json.loads(config_path.read_text())
+    config.update(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"])
+    config["text_config"]["model_type"] = "mistral"
+    (next_like / "config.json").write_text(json.dumps(config))
+    assert load_spec(write_spec(tmp_path, tiny_dir, model={"base": str(next_like)})).model.chat_template() \
+        == "mistral_instruct"
+    onevision_like = without_token(tmp_path, tiny_dir, "<|im_end|>")
+    config = json.loads((onevision_like / "config.json").read_text())
+    config.update(model_type="llava_onevision", architectures=["LlavaOnevisionForConditionalGeneration"])
+    config["text_config"]["model_type"] = "qwen2"
+    (onevision_like / "config.json").write_text(json.dumps(config))
+    found = problems(load_spec(write_spec(tmp_path, tiny_dir, model={"base": str(onevision_like)})))
+    assert any(p.startswith("model.template: 'chatml'") for p in found), found

@@ -41,17 +41,26 @@ DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_p
 
 
 class ModelSpec(Section):
-    base: str = Field(description="path to a Hugging Face LLaVA checkpoint (LlavaForConditionalGeneration)")
-    template: str = Field("vicuna_v1", description="conversation template")
+    base: str = Field(description="path to a Hugging Face LLaVA checkpoint (llava, llava_next, llava_onevision)")
+    template: str | None = Field(
+        None, description="conversation template (default: the base's family's, from its config.json: "
+                          "vicuna_v1 for LLaVA-1.5, mistral_instruct for v1.6 on Mistral, chatml for OneVision)")
 
     @field_validator("template")
     @classmethod
-    def _known_template(cls, value: str) -> str:
+    def _known_template(cls, value: str | None) -> str | None:
         from llava_cluster.data.templates import TEMPLATES, unknown_template
 
-        if value not in TEMPLATES:
+        if value is not None and value not in TEMPLATES:
             raise ValueError(unknown_template(value))
         return value
+
+    def chat_template(self) -> str:
+        """The template a run trains and validates with: `template`, else the family default of `base`
+        (read from its config.json; a v1.6 Mistral base left on Vicuna's would train without error)."""
+        from llava_cluster.model.load import template_for
+
+        return template_for(self.base, self.template)
 
 
 class DataSpec(Section):

@@ -21,8 +21,8 @@ text-only samples; a LoRA fine-tune learns it in a few hundred CPU steps.
 `--shape 7b` writes the same with LLaVA-1.5-7B's sizes (576 image tokens, 14 GB in bf16): a random
 base to try a cluster's GPUs, drivers and storage with the real memory and time, before any download.
 `--family llava_next` writes a LlavaNextForConditionalGeneration instead (llava-v1.6-mistral's config
-fields: any-resolution tiles from image_grid_pinpoints, image_newline, a Mistral text model); train it
-with `model.template: mistral_instruct`.
+fields: any-resolution tiles from image_grid_pinpoints, image_newline, a Mistral text model); a spec
+without `model.template` trains it with its family's `mistral_instruct`.
 """
 
 

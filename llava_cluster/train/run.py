@@ -61,7 +61,7 @@ def metadata(spec: RunSpec) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "base": spec.model.base,
-        "template": spec.model.template,
+        "template": spec.model.chat_template(),
         "method": spec.method,
         "spec_digest": spec.digest(),
         "run": spec.name,
@@ -179,7 +179,7 @@ def train(spec: RunSpec, run: RunDir) -> int:
     )
     set_seed(o.seed)  # before the LoRA layers are created: their init must not depend on the process
     processor = load_processor(spec.model.base)
-    template = get_template(spec.model.template)
+    template = get_template(spec.model.chat_template())
 
     def dataset(path: str) -> LazySupervisedDataset:
         return LazySupervisedDataset(path, spec.data.image_folder, processor, template, spec.data.max_length,

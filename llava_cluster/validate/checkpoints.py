@@ -34,7 +34,7 @@ def score_checkpoints(spec: RunSpec, run: RunDir, which: str) -> dict[str, Any]:
     v, folder = spec.validation, Path(spec.data.image_folder) if spec.data.image_folder else None
     rows = []
     for ckpt in chosen:
-        scored = score("adapter", ckpt, spec.model.base, Path(spec.data.eval), folder, spec.model.template,
+        scored = score("adapter", ckpt, spec.model.base, Path(spec.data.eval), folder, spec.model.chat_template(),
                        spec.data.image_aspect_ratio, spec.data.max_length, v.max_samples, v.batch_size,
                        v.max_new_tokens, ckpt.name)
         rows.append({"step": int(ckpt.name.removeprefix("checkpoint-")), "path": str(ckpt), **scored.means})

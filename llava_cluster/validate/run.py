@@ -145,7 +145,7 @@ def validate_stage(spec: RunSpec, run: RunDir) -> int:
     v = spec.validation
     checkpoints = score_checkpoints(spec, run, v.checkpoints) if v.checkpoints != "final" else None
     metrics = validate(model_dir, Path(spec.data.eval), Path(spec.data.image_folder) if spec.data.image_folder else None,
-                       run.validate_dir, base=Path(spec.model.base), template=spec.model.template,
+                       run.validate_dir, base=Path(spec.model.base), template=spec.model.chat_template(),
                        max_samples=v.max_samples, batch_size=v.batch_size, max_new_tokens=v.max_new_tokens,
                        compare_base=v.compare_base, max_length=spec.data.max_length,
                        aspect=spec.data.image_aspect_ratio, metrics_log=run.logs_dir / "train_metrics.jsonl",
