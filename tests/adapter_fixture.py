@@ -50,3 +50,19 @@ def assert_bitwise_equal(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     differing = [k for k in want if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
     assert differing == []
+
+
+def perturbed_adapter(spec, out: Path, metadata: dict, seed: int = 1) -> Path:
+    """`spec`'s model set up for training, every trainable tensor moved off its initial value (so LoRA
+    B is non-zero and the projector differs from the base), saved as training saves it: `out`."""
+    from llava_cluster.train.artifacts import gather_trainable_state, write_artifacts
+    from llava_cluster.train.model_setup import build_model
+
+    model = build_model(spec)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    write_artifacts(model, gather_trainable_state(model), out, metadata)
+    return out

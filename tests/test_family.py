@@ -217,19 +217,10 @@ def test_qlora_quantizes_the_language_model_only(tiny_next_dir, tmp_path):
 @pytest.fixture(scope="module")
 def next_adapter(tiny_next_dir, tmp_path_factory):
     """A LoRA adapter + trained projector and image_newline as training saves them (B non-zero)."""
-    from llava_cluster.train.artifacts import gather_trainable_state, write_artifacts
-    from llava_cluster.train.model_setup import build_model
+    from adapter_fixture import perturbed_adapter
 
     tmp = tmp_path_factory.mktemp("next-adapter")
-    model = build_model(next_spec(tiny_next_dir, tmp))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    write_artifacts(model, gather_trainable_state(model), tmp / "final",
-                    {"base": str(tiny_next_dir.model), "template": MISTRAL, "method": "lora"})
-    return tmp / "final"
+    return perturbed_adapter(next_spec(tiny_next_dir, tmp), tmp / "final", {"base": str(tiny_next_dir.model), "template": MISTRAL, "method": "lora"})
 
 
 def test_saved_non_lora_trainables_hold_the_projector_and_image_newline(next_adapter, tiny_next_dir):

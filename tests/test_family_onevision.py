@@ -148,19 +148,10 @@ def test_lora_and_qlora_train_projector_and_image_newline_and_leave_siglip_froze
 @pytest.fixture(scope="module")
 def ov_adapter(ov_dir, tmp_path_factory):
     """A LoRA adapter + trained projector and image_newline as training saves them (B non-zero)."""
-    from llava_cluster.train.artifacts import gather_trainable_state, write_artifacts
-    from llava_cluster.train.model_setup import build_model
+    from adapter_fixture import perturbed_adapter
 
     tmp = tmp_path_factory.mktemp("ov-adapter")
-    model = build_model(ov_spec(ov_dir, tmp))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    write_artifacts(model, gather_trainable_state(model), tmp / "final",
-                    {"base": str(ov_dir.model), "template": CHATML, "method": "lora"})
-    return tmp / "final"
+    return perturbed_adapter(ov_spec(ov_dir, tmp), tmp / "final", {"base": str(ov_dir.model), "template": CHATML, "method": "lora"})
 
 
 @pytest.mark.parametrize("streaming", [False, True])
