@@ -160,13 +160,17 @@ def test_merge_matches_base_plus_adapter_and_carries_trained_projector(zero3_run
 
 
 @pytest.mark.slow
-def test_resume_from_checkpoint_reaches_the_same_adapter(tmp_path, tiny_dir):
-    """Stop right after checkpoint-2 (everything later removed), resume: bitwise the same result."""
+def test_resume_from_checkpoint_reaches_the_same_adapter(zero3_run, tmp_path, tiny_dir):
+    """Stop right after checkpoint-2 (everything later removed), resume: bitwise the same result as
+    the uninterrupted run of the same settings (zero3_run: 2 ranks, 4 steps, a checkpoint every 2)."""
     from llava_cluster.rundir import RunDir
 
-    changes = dict(resources__gpus_per_node=2, optim__max_steps=4)
-    full = RunDir(trained(tmp_path / "a", tiny_dir, "resume-full", **changes))
-    cut = RunDir(freeze(write_spec(tmp_path / "b", tiny_dir, "resume-cut", **changes)))
+    from llava_cluster.spec import load_spec
+
+    full = RunDir(zero3_run)
+    settings = load_spec(full.spec_path)
+    assert (settings.resources.gpus_per_node, settings.optim.max_steps, settings.training.save_steps) == (2, 4, 2)
+    cut = RunDir(freeze(write_spec(tmp_path / "b", tiny_dir, "resume-cut")))
     shutil.copytree(full.train_dir / "checkpoint-2", cut.train_dir / "checkpoint-2")
     (cut.train_dir / "checkpoint-3").mkdir(parents=True)  # a half-written checkpoint: must be ignored
     proc = stage("train", cut.root)
