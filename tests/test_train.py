@@ -164,7 +164,6 @@ def test_resume_from_checkpoint_reaches_the_same_adapter(zero3_run, tmp_path, ti
     """Stop right after checkpoint-2 (everything later removed), resume: bitwise the same result as
     the uninterrupted run of the same settings (zero3_run: 2 ranks, 4 steps, a checkpoint every 2)."""
     from llava_cluster.rundir import RunDir
-
     from llava_cluster.spec import load_spec
 
     full = RunDir(zero3_run)
