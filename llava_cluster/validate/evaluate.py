@@ -90,21 +90,28 @@ class Evaluator:
         return total / max(count, 1)
 
 
-def _load(kind: str, model_dir: Path, base: str | None) -> tuple[Any, Any]:
-    """The model on the GPU in its stored dtype when there is one (a 7B in fp32 on a 24 GB card would
-    not fit), else on the CPU in fp32 (CPU kernels for half precision are slow or missing)."""
+def eval_device(weights: str | Path) -> tuple[str, str]:
+    """(device, precision) a model is evaluated in: the GPU in the checkpoint's stored dtype when there
+    is one (a 7B in fp32 on a 24 GB card would not fit), else the CPU in fp32 (CPU kernels for half
+    precision are slow or missing). Our scoring and the lmms-eval run both follow it."""
     import torch
 
-    from llava_cluster.adapter import load_with_adapter
     from llava_cluster.merge.safetensors_io import stored_dtype
+
+    return ("cuda", stored_dtype(weights)) if torch.cuda.is_available() else ("cpu", "fp32")
+
+
+def _load(kind: str, model_dir: Path, base: str | None) -> tuple[Any, Any]:
+    """The model (merged, or base + adapter) and its processor, where `eval_device` says."""
+    from llava_cluster.adapter import load_with_adapter
     from llava_cluster.model.load import load_llava, load_processor
     from llava_cluster.precision import torch_dtype
 
     weights = base if kind == "adapter" else model_dir
-    on_gpu = torch.cuda.is_available()
-    dtype = torch_dtype(stored_dtype(weights)) if on_gpu else torch.float32
+    device, precision = eval_device(weights)
+    dtype = torch_dtype(precision)
     model = load_with_adapter(weights, model_dir, dtype) if kind == "adapter" else load_llava(weights, dtype=dtype)
-    return (model.to("cuda") if on_gpu else model), load_processor(weights)
+    return model.to(device), load_processor(weights)
 
 
 @dataclass

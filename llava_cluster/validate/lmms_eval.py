@@ -117,20 +117,20 @@ def failure_reason(log: Path, returncode: int) -> str:
 
 
 def _device_and_dtype(model_dir: Path) -> tuple[str, str]:
-    """The GPU in the checkpoint's stored dtype when there is one, else the CPU in fp32 — as the
-    validate stage's own scoring loads it. Our models are freed first: the subprocess needs the memory."""
+    """Where the validate stage's own scoring runs (`evaluate.eval_device`), as lmms-eval's names
+    ("cuda", "bfloat16"). On a GPU our models are freed first: the subprocess needs the memory."""
     import gc
 
     import torch
 
-    from llava_cluster.merge.safetensors_io import stored_dtype
     from llava_cluster.precision import TORCH_NAMES
+    from llava_cluster.validate.evaluate import eval_device
 
-    if not torch.cuda.is_available():
-        return "cpu", "float32"
-    gc.collect()
-    torch.cuda.empty_cache()
-    return "cuda", TORCH_NAMES[stored_dtype(model_dir)]
+    device, precision = eval_device(model_dir)
+    if device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+    return device, TORCH_NAMES[precision]
 
 
 def _collect(out: Path) -> Path | None:
